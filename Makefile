@@ -1,0 +1,41 @@
+# Fresh machine: `make demo` runs the main job end to end; `make test` runs the tests. Both set up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SAMPLES := .cache/samples
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup ffmpeg samples demo test bench clean
+
+setup: $(VENV)/.installed ffmpeg
+
+# torch first, pinned to the local CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+ffmpeg:
+	@if [ -n "$$FFMPEG_BINARY" ] || (command -v ffmpeg && command -v ffprobe) >/dev/null; then :; else \
+		echo "installing ffmpeg (Debian)"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq ffmpeg; fi
+
+samples: setup
+	$(PY) -m pipeline.sample_videos $(SAMPLES)
+
+demo: samples
+	rm -rf runs/demo
+	$(VENV)/bin/hicom build configs/demo.yaml --input $(SAMPLES) --out runs/demo
+	$(VENV)/bin/hicom stats runs/demo --plot runs/demo/plots
+	@echo "shards: $$(pwd)/runs/demo/shards"
+
+test: samples
+	HICOM_SAMPLES=$(SAMPLES) $(PY) -m pytest -q
+
+bench: samples
+	$(PY) bench/clip_decode.py --videos $(SAMPLES)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,129 @@
+"""HICom conditional pre-training model: frozen SigLIP towers and Qwen2 LLM, trainable compressor.
+
+    frames ──SigLIP vision──> VALUE, KEY ─┐
+    last question ──SigLIP text──> guide ─┴─> compressor (mm_projector) ──> visual tokens ──> Qwen2 ──> loss
+
+Only `mm_projector` has trainable parameters. `forward(batch)` takes the dict from
+`HicomProcessor.collate` and returns the scalar LM loss on the last answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import load_mm_projector_state, save_mm_projector
+from .collate import HicomProcessor
+from .compressor import HicomCompressor
+from .config import HicomConfig
+from .llm import HicomLLM
+from .towers import GuideEncoder, VisionTower
+
+logger = logging.getLogger(__name__)
+
+
+class HicomForConditionalPretraining(nn.Module):
+    """Towers + compressor + LLM. Build it with `model.presets.build_model(config)`."""
+
+    def __init__(self, config: HicomConfig, vision_tower: VisionTower, guide_encoder: GuideEncoder | None,
+                 llm: HicomLLM, processor: HicomProcessor):
+        super().__init__()
+        self.config = config
+        self.vision_tower = vision_tower
+        self.guide_encoder = guide_encoder
+        self.mm_projector = HicomCompressor(config.compressor)
+        self.llm = llm
+        self.processor = processor
+        self.requires_grad_(False)
+        self.mm_projector.requires_grad_(True)
+        self.train()
+
+    def train(self, mode: bool = True) -> "HicomForConditionalPretraining":
+        """Only the compressor switches mode; frozen parts stay in eval (the LLM follows `mode`
+        when gradient checkpointing is on, since HF only checkpoints in training mode)."""
+        self.training = mode
+        self.mm_projector.train(mode)
+        self.vision_tower.eval()
+        if self.guide_encoder is not None:
+            self.guide_encoder.eval()
+        self.llm.train(mode and self.llm.gradient_checkpointing)
+        return self
+
+    # --- parameters and weights ---------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser should update (the compressor only)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def mm_projector_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Compressor weights under the release's names (`local_compressor.readout.0.weight`, ...),
+        detached on CPU; `prefix="model.mm_projector."` gives full-model names."""
+        return {prefix + k: v.detach().cpu() for k, v in self.mm_projector.state_dict().items()}
+
+    def save_mm_projector(self, path: str, prefix: str = "model.mm_projector.") -> None:
+        """Write `mm_projector.bin` as the release does (full-model key names by default)."""
+        save_mm_projector(self.mm_projector_state_dict(), path, prefix=prefix)
+
+    def load_mm_projector(self, source: str | dict[str, torch.Tensor], strict: bool = True):
+        """Load release-named compressor weights from a `mm_projector.bin` path or a state dict.
+
+        Keys may carry any prefix ending in `mm_projector.`; tensors are cast to the compressor's
+        dtype. Returns the (missing, unexpected) keys result; with `strict` a mismatch raises.
+        """
+        state = load_mm_projector_state(source)
+        dtype = self.mm_projector.dtype
+        state = {k: v.to(dtype) for k, v in state.items()}
+        return self.mm_projector.load_state_dict(state, strict=strict)
+
+    # --- forward ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.mm_projector.parameters()).device
+
+    def encode_visual(self, pixel_values: torch.Tensor, num_frames: torch.Tensor,
+                      guide_input_ids: torch.Tensor | None) -> list[torch.Tensor]:
+        """Visual tokens per example: a list of (N_i, llm_hidden) tensors (grad flows to the compressor)."""
+        cfg = self.config.compressor
+        need_key = cfg.use_local and cfg.local_guide_mode != "none"
+        value, key = self.vision_tower(pixel_values, with_key=need_key)
+        guide = guide_tokens = None
+        if cfg.uses_guide:
+            if self.guide_encoder is None or guide_input_ids is None:
+                raise ValueError("this compressor uses the instruction but the batch has no guide_input_ids")
+            guide, guide_tokens = self.guide_encoder(guide_input_ids, with_tokens=cfg.uses_guide_tokens)
+        counts = [int(n) for n in num_frames]
+        values = value.split(counts)
+        keys = key.split(counts) if key is not None else [None] * len(counts)
+        out: list[torch.Tensor | None] = [None] * len(counts)
+        # examples with the same frame count go through the compressor together
+        for t in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == t]
+            sel = torch.tensor(idx, device=value.device)
+            tokens = self.mm_projector(
+                torch.stack([values[i] for i in idx]),
+                torch.stack([keys[i] for i in idx]) if key is not None else None,
+                guide.index_select(0, sel) if guide is not None else None,
+                guide_tokens.index_select(0, sel) if guide_tokens is not None else None,
+            )
+            for j, i in enumerate(idx):
+                out[i] = tokens[j]
+        return out  # type: ignore[return-value]
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scalar LM loss over the last answer of each example in a collated batch."""
+        device = self.device
+        visual = self.encode_visual(
+            batch["pixel_values"].to(device), batch["num_frames"],
+            batch["guide_input_ids"].to(device) if batch.get("guide_input_ids") is not None else None,
+        )
+        return self.llm(batch["input_ids"].to(device), batch["labels"].to(device),
+                        batch["attention_mask"].to(device), visual)
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Shortcut for `self.processor.collate(examples)`."""
+        return self.processor.collate(examples)

@@ -1,0 +1,1 @@
+"""Run orchestration on Ray Data, resume, CLI, DuckDB stats and exports."""

@@ -1,0 +1,164 @@
+"""`hicom`: build, rebuild, stats and export HICom-style datasets. Options live in YAML configs."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("hicom")
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    """`--set split.mode=fixed` -> {"split.mode": "fixed"} (values parsed as YAML scalars)."""
+    out = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "logs" / "hicom.log", encoding="utf-8"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _print_build(report, dry_run: bool) -> None:
+    if dry_run:
+        print(f"dry run: {len(report.pending)} videos would be processed, {report.skipped_committed} already "
+              f"committed, {report.inputs_failed_at_ingest} inputs fail at ingest")
+        for relpath in report.pending:
+            print(f"  {relpath}")
+        return
+    c = report.counts
+    print(f"built {report.run_dir}: {report.processed_videos} videos processed ({report.skipped_committed} "
+          f"already committed) in {report.seconds:.1f}s; run totals: {c['clips']} clips, {c['pairs']} pairs, "
+          f"{c['failures']} failures in {c['shards']} shards")
+    print(f"shards: {report.run_dir / 'shards'}")
+
+
+def cmd_build(args) -> int:
+    from pipeline.build import build
+    from schemas.config import load_run_config
+
+    overrides = _parse_sets(args.set)
+    if args.input:
+        overrides["input.path"] = args.input
+    if args.address:
+        overrides["ray.address"] = args.address
+    cfg = load_run_config(args.config, overrides)
+    run_dir = Path(args.out or Path("runs") / cfg.name)
+    _setup_logging(None if args.dry_run else run_dir, args.verbose)
+    report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
+    _print_build(report, args.dry_run)
+    return 0
+
+
+def cmd_rebuild(args) -> int:
+    from pipeline.build import build
+    from schemas.config import load_run_config
+
+    overrides = _parse_sets(args.set)
+    overrides.update({"input.path": args.annotations, "input.kind": "llava", "input.data_root": args.video_root,
+                      "split.mode": "given"})
+    if args.address:
+        overrides["ray.address"] = args.address
+    cfg = load_run_config(args.config, overrides)
+    run_dir = Path(args.out)
+    _setup_logging(None if args.dry_run else run_dir, args.verbose)
+    report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
+    _print_build(report, args.dry_run)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from pipeline.stats import connect, plot, report, run_sql
+
+    import duckdb
+
+    con = connect(args.run_dir)
+    try:
+        print(run_sql(con, args.sql) if args.sql else report(con))
+    except duckdb.Error as exc:
+        log.error("query refused or failed: %s", exc)
+        return 2
+    if args.plot:
+        for path in plot(con, args.plot):
+            print(f"plot: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import export_llava
+
+    counts = export_llava(args.run_dir, args.out_json, args.clip_root, progress=not args.no_progress)
+    print(json.dumps(counts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hicom", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_options(p):
+        p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set split.mode=fixed (repeatable)")
+        p.add_argument("--dry-run", action="store_true", help="list what would be processed and stop")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("build", help="raw videos -> clips + frames -> WebDataset shards")
+    p.add_argument("config", nargs="?", help="run config YAML (configs/*.yaml); defaults apply without one")
+    p.add_argument("--input", help="directory, manifest (csv/parquet/jsonl) or LLaVA json (overrides input.path)")
+    p.add_argument("--out", help="run directory (default runs/<config name>); rerun to resume")
+    run_options(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("rebuild", help="HICom-248K from its release JSON and clip folder")
+    p.add_argument("--annotations", required=True, help="LLaVA-format JSON/JSONL (e.g. 248328_qa_llavaformat.json)")
+    p.add_argument("--video-root", required=True, help="folder the annotation `video` paths are relative to")
+    p.add_argument("--out", required=True, help="run directory; rerun to resume")
+    p.add_argument("--config", help="run config YAML for clip/shard options")
+    run_options(p)
+    p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("stats", help="DuckDB report over a run's indexes (tables clips, pairs, videos, "
+                                     "failures, shards)")
+    p.add_argument("run_dir")
+    p.add_argument("--sql", help="run this SQL instead of the report (read-only)")
+    p.add_argument("--plot", metavar="OUT_DIR", help="write PNG histograms here")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("export-llava", help="the release training JSON + clip mp4s from shards")
+    p.add_argument("run_dir")
+    p.add_argument("out_json")
+    p.add_argument("--clip-root", help="where clip mp4s go (default: <out_json stem>_clips/ beside it)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        _setup_logging(None, getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Run configuration: typed, defaulted, explained. YAML files validate into `RunConfig`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Config):
+    """Where source videos come from."""
+
+    kind: Literal["auto", "directory", "manifest", "llava"] = "auto"
+    path: str | None = None  # directory, manifest (csv/parquet/jsonl) or LLaVA json/jsonl
+    # Every video path must resolve under this root; defaults to the directory (or the manifest's folder).
+    data_root: str | None = None
+    extensions: list[str] = Field(
+        default_factory=lambda: [".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"]
+    )
+    # Manifest columns (Panda-70M metadata uses `url`/`timestamp`/`caption` lists per video).
+    path_column: str = "path"
+    start_column: str = "start_s"
+    end_column: str = "end_s"
+    caption_column: str = "caption"
+    timestamp_column: str = "timestamp"  # Panda-70M: list of ["HH:MM:SS.mmm", "HH:MM:SS.mmm"]
+    # Instruction used to turn a manifest caption into a pair until the captioning stage runs.
+    caption_instruction: str = "Describe the video in detail."
+    hash_files: bool = True  # sha256 of every source file (provenance); costs one read per file
+
+
+class ProbeConfig(_Config):
+    """Limits that reject inputs before any decoding is spent on them."""
+
+    max_file_bytes: int = 50 * 1024**3
+    max_duration_s: float = 4 * 3600.0
+    min_duration_s: float = 0.05
+    max_side_px: int = 4096  # 8K sources are rejected by default: decoding them costs 4x 4K
+    timeout_s: float = 60.0
+
+
+class SplitConfig(_Config):
+    """How a video becomes clips."""
+
+    mode: Literal["scene", "fixed", "given"] = "scene"
+    min_clip_s: float = 1.0  # shorter scenes are dropped (or merged into a neighbour when possible)
+    max_clip_s: float = 10.0  # longer shots are cut into pieces of at most this length
+    scene_threshold: float = 0.3  # FFmpeg scene score (0..1) that starts a new shot
+    window_s: float = 4.0  # fixed mode
+    stride_s: float = 4.0  # fixed mode; < window_s overlaps
+    timeout_s: float = 600.0
+
+
+class ClipConfig(_Config):
+    """Clip encoding and frame sampling. Defaults follow HICom's conditional pre-training."""
+
+    num_frames: int = Field(32, ge=1)
+    frame_size_px: int = 384  # SigLIP so400m-patch14-384 input
+    pad_rgb: tuple[int, int, int] = (127, 127, 127)  # SigLIP image_mean 0.5 -> the release's pad colour
+    jpeg_qscale: int = Field(3, ge=2, le=31)  # ffmpeg -q:v for frames (2 best)
+    write_mp4: bool = True
+    mp4_max_side_px: int = 384
+    mp4_crf: int = 23
+    mp4_preset: str = "veryfast"
+    stream_copy: bool = True  # copy instead of re-encode when a clip starts on a keyframe and fits
+    clips_per_ffmpeg: int = Field(8, ge=1)  # clips cut by one FFmpeg process (decode once, bounded memory)
+    ffmpeg_threads: int = 1  # threads per FFmpeg process; Ray runs one process per CPU
+    timeout_s: float = 600.0  # per FFmpeg process
+
+
+class ShardConfig(_Config):
+    """WebDataset shard limits. A video's clips always land in one shard."""
+
+    max_samples: int = 1000
+    max_bytes: int = 1024**3
+
+
+class RayConfig(_Config):
+    """Where and how wide to run."""
+
+    address: str | None = None  # None: a local Ray; "auto" or "ray://host:10001" for a cluster
+    num_cpus: int | None = None  # local Ray only
+    preserve_order: bool = True  # deterministic shard contents for the same input
+    probe_concurrency: int | None = None
+    clip_concurrency: int | None = None
+
+
+class RunConfig(_Config):
+    """One build: input -> probe -> split -> clip+decode -> shard."""
+
+    name: str = "hicom-run"
+    input: InputConfig = Field(default_factory=InputConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.split.min_clip_s > self.split.max_clip_s:
+            raise ValueError("split.min_clip_s must be <= split.max_clip_s")
+        if self.split.stride_s <= 0 or self.split.window_s <= 0:
+            raise ValueError("split.window_s and split.stride_s must be > 0")
+        return self
+
+
+def load_run_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML config (or defaults when `path` is None) and apply dotted-key overrides."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return RunConfig.model_validate(data)

@@ -1,0 +1,217 @@
+"""Clip + decode: cut planned clips out of a source video with FFmpeg, sampling frames as the release does.
+
+One FFmpeg process decodes the source once for a batch of clips (`clips_per_ffmpeg`): the decoded stream is
+split per clip, trimmed, and sent both to an H.264 encoder (the clip mp4) and through a frame selector that
+keeps the release's uniformly sampled frames, padded to square with the mean colour and resized (JPEG).
+A clip that starts on a keyframe of an H.264 source small enough already is stream-copied instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas import reasons
+from schemas.config import ClipConfig
+from schemas.records import ClipRecord, Failure, ShardSample, Span, VideoRecord, VideoResult
+from stages.ffmpeg_tools import SAFE_INPUT_ARGS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
+from stages.sampling import frames_in_span, release_frame_indices
+
+log = logging.getLogger(__name__)
+STAGE = "clip_decode"
+RESOURCES = {"num_cpus": 1}
+_SEEK_MARGIN_S = 1.0  # seek this far before the first clip so the accurate seek never drops its first frame
+_EPS_S = 1e-3  # well under any frame interval: keeps trims from catching a neighbouring frame
+
+
+@dataclass
+class PlannedClip:
+    """A clip with its exact frame plan, derived from the probe's frame timeline."""
+
+    record: ClipRecord
+    span: Span
+    unique_indices: list[int]  # sorted distinct frame indices to decode
+    copy_mp4: bool
+
+
+def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | None:
+    probe = video.probe
+    times = frames_in_span(probe.frame_times_s, span.start_s, span.end_s)
+    if not times:
+        return None
+    indices = release_frame_indices(len(times), cfg.num_frames)
+    copy = (
+        cfg.write_mp4 and cfg.stream_copy and probe.codec == "h264" and probe.rotation_deg == 0
+        and max(probe.width, probe.height) <= cfg.mp4_max_side_px
+        and any(abs(k - times[0]) < _EPS_S for k in probe.keyframe_times_s)
+    )
+    record = ClipRecord(
+        id=ClipRecord.make_id(video.id, span.start_s, span.end_s),
+        video_id=video.id,
+        source=video.relpath,
+        start_s=span.start_s,
+        end_s=span.end_s,
+        frame_times_s=[times[i] for i in indices],
+        frame_indices=indices,
+        num_clip_frames=len(times),
+        frame_size_px=cfg.frame_size_px,
+        mp4_stream_copied=copy,
+        caption=span.caption,
+    )
+    return PlannedClip(record=record, span=span, unique_indices=sorted(set(indices)), copy_mp4=copy)
+
+
+def _mp4_scale(cfg: ClipConfig) -> str:
+    side = cfg.mp4_max_side_px
+    return (f"scale=w='if(gte(iw,ih),trunc(min({side},iw)/2)*2,-2)':"
+            f"h='if(gte(iw,ih),-2,trunc(min({side},ih)/2)*2)'")
+
+
+def _frames_chain(clip: PlannedClip, cfg: ClipConfig) -> str:
+    select = "+".join(f"eq(n,{i})" for i in clip.unique_indices)
+    color = "0x{:02X}{:02X}{:02X}".format(*cfg.pad_rgb)
+    size = cfg.frame_size_px
+    return (f"select='{select}',pad=w='max(iw,ih)':h='max(iw,ih)':x='(ow-iw)/2':y='(oh-ih)/2':color={color},"
+            f"scale={size}:{size}:flags=bicubic,setsar=1")
+
+
+def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdir: Path) -> list[str]:
+    """One FFmpeg command that decodes `source` once and writes every clip of the batch."""
+    seek = max(0.0, clips[0].span.start_s - _SEEK_MARGIN_S)
+    chains = [f"[0:v:0]split={len(clips)}" + "".join(f"[in{i}]" for i in range(len(clips)))]
+    outputs: list[str] = []
+    for i, clip in enumerate(clips):
+        a, b = clip.span.start_s - seek - _EPS_S, clip.span.end_s - seek - _EPS_S
+        trim = f"[in{i}]trim=start={max(a, 0.0):.6f}:end={b:.6f},setpts=PTS-STARTPTS"
+        if cfg.write_mp4 and not clip.copy_mp4:
+            chains.append(f"{trim},split=2[m{i}][f{i}]")
+            chains.append(f"[m{i}]{_mp4_scale(cfg)},setsar=1[mp4_{i}]")
+            outputs += ["-map", f"[mp4_{i}]", "-c:v", "libx264", "-preset", cfg.mp4_preset, "-crf",
+                        str(cfg.mp4_crf), "-pix_fmt", "yuv420p", "-an", "-movflags", "+faststart",
+                        str(workdir / f"{i}.mp4")]
+        else:
+            chains.append(f"{trim}[f{i}]")
+        chains.append(f"[f{i}]{_frames_chain(clip, cfg)}[jpg_{i}]")
+        outputs += ["-map", f"[jpg_{i}]", "-fps_mode", "passthrough", "-q:v", str(cfg.jpeg_qscale),
+                    str(workdir / f"{i}_%03d.jpg")]
+    return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", "-threads", str(cfg.ffmpeg_threads),
+            *SAFE_INPUT_ARGS, "-ss", f"{seek:.6f}", "-i", source,
+            "-filter_complex", ";".join(chains), "-filter_complex_threads", str(cfg.ffmpeg_threads),
+            *outputs]
+
+
+def copy_command(source: str, clip: PlannedClip, out: Path) -> list[str]:
+    return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", *SAFE_INPUT_ARGS,
+            "-ss", f"{clip.span.start_s:.6f}", "-i", source, "-t", f"{clip.span.end_s - clip.span.start_s:.6f}",
+            "-map", "0:v:0", "-c", "copy", "-an", "-movflags", "+faststart", "-avoid_negative_ts", "make_zero",
+            str(out)]
+
+
+def _collect(clip: PlannedClip, index: int, workdir: Path) -> tuple[list[bytes], int]:
+    """Frames in the clip's sampling order (repeats included) and how many had to be padded."""
+    decoded = [p.read_bytes() for p in sorted(workdir.glob(f"{index}_*.jpg"))]
+    if not decoded:
+        return [], 0
+    by_index = {idx: decoded[min(pos, len(decoded) - 1)] for pos, idx in enumerate(clip.unique_indices)}
+    padded = max(0, len(clip.unique_indices) - len(decoded))
+    return [by_index[i] for i in clip.record.frame_indices], padded
+
+
+def mp4_size(width: int, height: int, cfg: ClipConfig, copied: bool) -> tuple[int, int]:
+    """The encoded clip's size, computed the way FFmpeg's scale filter resolves the expressions above."""
+    if copied:
+        return width, height
+    side = cfg.mp4_max_side_px
+    if width >= height:
+        w = min(side, width) // 2 * 2
+        return w, int(height * w / (width * 2) + 0.5) * 2
+    h = min(side, height) // 2 * 2
+    return int(width * h / (height * 2) + 0.5) * 2, h
+
+
+def decode_batch(video: VideoRecord, clips: list[PlannedClip], cfg: ClipConfig,
+                 scratch_dir: str | None) -> tuple[list[ShardSample], list[Failure]]:
+    samples: list[ShardSample] = []
+    failures: list[Failure] = []
+
+    def fail_clip(clip: PlannedClip, reason: str, detail: str) -> None:
+        ids = [s.id for s in clip.span.samples] or [clip.record.id]
+        failures.extend(Failure(item_id=i, video_id=video.id, stage=STAGE, reason=reason, detail=detail,
+                                source=video.relpath) for i in ids)
+
+    with tempfile.TemporaryDirectory(prefix="hicom-clip-", dir=scratch_dir) as tmp:
+        workdir = Path(tmp)
+        try:
+            run_tool(batch_command(video.source, clips, cfg, workdir), cfg.timeout_s * len(clips))
+            for i, clip in enumerate(clips):
+                if clip.copy_mp4:
+                    run_tool(copy_command(video.source, clip, workdir / f"{i}.mp4"), cfg.timeout_s)
+        except FfmpegTimeout as exc:
+            for clip in clips:
+                fail_clip(clip, reasons.FFMPEG_TIMEOUT, str(exc))
+            return samples, failures
+        except FfmpegError as exc:
+            for clip in clips:
+                fail_clip(clip, reasons.FFMPEG_FAILED, str(exc))
+            return samples, failures
+        for i, clip in enumerate(clips):
+            frames, padded = _collect(clip, i, workdir)
+            if not frames:
+                fail_clip(clip, reasons.NO_FRAMES, "FFmpeg returned no frames for this clip")
+                continue
+            mp4_path = workdir / f"{i}.mp4"
+            mp4 = mp4_path.read_bytes() if cfg.write_mp4 and mp4_path.exists() else None
+            width, height = mp4_size(video.probe.width, video.probe.height, cfg, clip.copy_mp4) if mp4 else (
+                None, None)
+            record = clip.record.model_copy(update={
+                "frames_padded": padded,
+                "frames_bytes": sum(len(f) for f in frames),
+                "mp4_bytes": len(mp4 or b""),
+                "mp4_width": width,
+                "mp4_height": height,
+            })
+            samples.append(ShardSample(clip=record, frames=frames, mp4=mp4, samples=list(clip.span.samples)))
+    return samples, failures
+
+
+def clip_and_decode(video: VideoRecord, spans: list[Span], cfg: ClipConfig,
+                    scratch_dir: str | None = None) -> tuple[list[ShardSample], list[Failure]]:
+    """The stage: one ShardSample per planned clip (pairs are attached later) or a Failure per clip."""
+    samples: list[ShardSample] = []
+    failures: list[Failure] = []
+    planned: list[PlannedClip] = []
+    for i, span in enumerate(sorted(spans, key=lambda s: (s.start_s, s.end_s))):
+        clip = plan_clip(video, span, cfg)
+        if clip is None:
+            ids = [s.id for s in span.samples] or [f"{video.id}#span{i}"]
+            failures.extend(Failure(item_id=item, video_id=video.id, stage=STAGE, reason=reasons.NO_FRAMES,
+                                    detail=f"no frame in [{span.start_s}, {span.end_s})", source=video.relpath)
+                            for item in ids)
+            continue
+        planned.append(clip)
+    seen: set[str] = set()
+    unique = []
+    for clip in planned:  # two spans with the same bounds are one clip; their samples merge
+        if clip.record.id in seen:
+            first = next(c for c in unique if c.record.id == clip.record.id)
+            first.span = first.span.model_copy(update={"samples": [*first.span.samples, *clip.span.samples]})
+            continue
+        seen.add(clip.record.id)
+        unique.append(clip)
+    for start in range(0, len(unique), cfg.clips_per_ffmpeg):
+        batch_samples, batch_failures = decode_batch(
+            video, unique[start:start + cfg.clips_per_ffmpeg], cfg, scratch_dir or os.environ.get("HICOM_SCRATCH"))
+        samples += batch_samples
+        failures += batch_failures
+    return samples, failures
+
+
+def apply(result: VideoResult, cfg: ClipConfig, scratch_dir: str | None = None) -> VideoResult:
+    """Record-level step: cut and decode the planned clips."""
+    samples, failures = clip_and_decode(result.video, result.planned, cfg, scratch_dir)
+    result.samples += samples
+    result.failures += failures
+    result.failed = not samples
+    return result
