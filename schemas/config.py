@@ -38,7 +38,7 @@ class ProbeConfig(_Config):
 
     max_file_bytes: int = 50 * 1024**3
     max_duration_s: float = 4 * 3600.0
-    min_duration_s: float = 0.05
+    min_duration_s: float = 0.0  # a one-frame video is still a video; split decides if it makes a clip
     max_side_px: int = 4096  # 8K sources are rejected by default: decoding them costs 4x 4K
     timeout_s: float = 60.0
 

@@ -105,7 +105,7 @@ def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdi
 def copy_command(source: str, clip: PlannedClip, out: Path) -> list[str]:
     return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", *SAFE_INPUT_ARGS,
             "-ss", f"{clip.span.start_s:.6f}", "-i", source, "-t", f"{clip.span.end_s - clip.span.start_s:.6f}",
-            "-map", "0:v:0", "-c", "copy", "-an", "-movflags", "+faststart", "-avoid_negative_ts", "make_zero",
+            "-frames:v", str(clip.record.num_clip_frames), "-map", "0:v:0", "-c", "copy", "-an", "-movflags", "+faststart", "-avoid_negative_ts", "make_zero",
             str(out)]
 
 

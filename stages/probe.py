@@ -43,8 +43,21 @@ def _rotation(stream: dict) -> int:
     return int(float(stream.get("tags", {}).get("rotate", 0))) % 360
 
 
-def _classify_ffprobe_error(stderr: str) -> str:
+_CONTAINER_MAGIC = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # ISO-BMFF box types at offset 4
+_OTHER_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"OggS")
+
+
+def looks_like_video_container(head: bytes) -> bool:
+    """Whether the first bytes carry a known video container signature (used to tell a truncated
+    video from a file that never was one, since FFmpeg picks the demuxer from the extension)."""
+    mpeg_ts = head[:1] == b"\x47" and head[188:189] == b"\x47"  # sync byte every 188 bytes
+    return head[4:8] in _CONTAINER_MAGIC or head.startswith(_OTHER_MAGIC) or mpeg_ts
+
+
+def _classify_ffprobe_error(stderr: str, head: bytes) -> str:
     text = stderr.lower()
+    if not looks_like_video_container(head):
+        return reasons.NOT_A_VIDEO
     if "moov atom not found" in text or "end of file" in text:
         return reasons.TRUNCATED
     if "invalid data found" in text or "unknown format" in text:
@@ -62,7 +75,9 @@ def _ffprobe_json(path: str, cfg: ProbeConfig) -> dict:
     except FfmpegTimeout as exc:
         raise ProbeRejected(reasons.PROBE_TIMEOUT, str(exc)) from None
     except FfmpegError as exc:
-        raise ProbeRejected(_classify_ffprobe_error(exc.stderr), str(exc)) from None
+        with open(path, "rb") as f:
+            head = f.read(256)
+        raise ProbeRejected(_classify_ffprobe_error(exc.stderr, head), str(exc)) from None
     return json.loads(out.stdout.decode("utf-8", "replace") or "{}")
 
 

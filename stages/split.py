@@ -4,6 +4,7 @@ Clips are half-open time ranges [start_s, end_s) on the video's own timeline (0 
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import re
@@ -42,11 +43,9 @@ def even_pieces(start: float, end: float, max_len: float) -> list[tuple[float, f
 
 
 def snap_to_frames(t: float, frame_times: list[float]) -> float:
-    """The first frame time at or after t (clips start on real frames)."""
-    for ft in frame_times:
-        if ft >= t - 1e-6:
-            return ft
-    return t
+    """The first frame time at or after t (clips start on real frames); t itself past the last frame."""
+    i = bisect.bisect_left(frame_times, t - 1e-6)
+    return frame_times[i] if i < len(frame_times) else t
 
 
 def shots_to_clips(cuts: list[float], duration: float, cfg: SplitConfig,
@@ -57,8 +56,9 @@ def shots_to_clips(cuts: list[float], duration: float, cfg: SplitConfig,
     for start, end in zip(bounds, bounds[1:]):
         if end - start < cfg.min_clip_s:
             continue
-        for a, b in even_pieces(start, end, cfg.max_clip_s):
-            clips.append((snap_to_frames(a, frame_times), b))
+        pieces = even_pieces(start, end, cfg.max_clip_s)
+        cuts_in_shot = [start] + [snap_to_frames(a, frame_times) for a, _ in pieces[1:]] + [end]
+        clips.extend(zip(cuts_in_shot, cuts_in_shot[1:]))
     return [(a, b) for a, b in clips if b - a >= min(cfg.min_clip_s, cfg.max_clip_s) - 1e-6]
 
 

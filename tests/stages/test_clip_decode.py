@@ -1,0 +1,105 @@
+import io
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ffmpeg, make_test_video
+from schemas.config import ClipConfig, ProbeConfig
+from schemas.records import Span, VideoRecord
+from stages.clip_decode import clip_and_decode
+from stages.probe import probe_info, probe_video
+from stages.sampling import frames_in_span, release_frame_indices
+
+
+def _probed(path):
+    return probe_video(VideoRecord(id="vid", source=str(path), relpath=path.name), ProbeConfig())
+
+
+def _image(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32)
+
+
+def _mp4_info(data: bytes, tmp_path):
+    path = tmp_path / "out.mp4"
+    path.write_bytes(data)
+    return probe_info(str(path), len(data), ProbeConfig())
+
+
+def test_frames_are_384_square_padded_with_mean_colour_and_uniformly_timed(sample_dir, tmp_path):
+    video = _probed(sample_dir / "bigbuckbunny.mp4")
+    samples, failures = clip_and_decode(video, [Span(start_s=1.0, end_s=4.0)], ClipConfig())
+    assert failures == []
+    (sample,) = samples
+    assert len(sample.frames) == 32
+    first = _image(sample.frames[0])
+    assert first.shape == (384, 384, 3)
+    # 16:9 padded to square: 384 * (1 - 9/16) / 2 = 84 rows of grey above and below
+    assert np.abs(first[:70].mean(axis=(0, 1)) - 127).max() < 3
+    assert np.abs(first[-70:].mean(axis=(0, 1)) - 127).max() < 3
+    clip_times = frames_in_span(video.probe.frame_times_s, 1.0, 4.0)
+    assert sample.clip.num_clip_frames == len(clip_times) == 75
+    assert sample.clip.frame_indices == release_frame_indices(75, 32)
+    assert sample.clip.frame_times_s == [clip_times[i] for i in release_frame_indices(75, 32)]
+    info = _mp4_info(sample.mp4, tmp_path)
+    assert (info.width, info.height) == (sample.clip.mp4_width, sample.clip.mp4_height) == (384, 216)
+    assert info.duration_s == pytest.approx(3.0, abs=0.05)
+
+
+def test_sampled_frames_are_the_planned_source_frames(tmp_path):
+    """Match every output frame against all decoded source frames: the best match is the planned one."""
+    src = make_test_video(tmp_path / "counter.mp4", seconds=3.0, size="160x160", fps=25)
+    video = _probed(src)
+    cfg = ClipConfig(num_frames=6, frame_size_px=160, write_mp4=False)
+    (sample,), _ = clip_and_decode(video, [Span(start_s=0.52, end_s=2.48)], cfg)
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(src), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    source = np.frombuffer(raw, np.uint8).reshape(-1, 160, 160, 3).astype(np.float32)
+    assert len(source) == 75
+    first_frame = 13  # 0.52 s at 25 fps
+    expected = [first_frame + i for i in sample.clip.frame_indices]
+    matched = [int(np.argmin(((source - _image(f)) ** 2).mean(axis=(1, 2, 3)))) for f in sample.frames]
+    assert matched == expected
+
+
+def test_stream_copy_when_start_is_a_keyframe_and_no_resize_needed(sample_dir, tmp_path):
+    video = _probed(sample_dir / "carphone_pristine.mp4")
+    (sample,), _ = clip_and_decode(video, [Span(start_s=0.0, end_s=2.0)], ClipConfig())
+    assert sample.clip.mp4_stream_copied
+    info = _mp4_info(sample.mp4, tmp_path)
+    assert (info.width, info.height) == (176, 144)
+    assert info.duration_s == pytest.approx(2.0, abs=0.1)
+
+
+def test_odd_size_rotated_and_short_videos(tmp_path):
+    odd = _probed(make_test_video(tmp_path / "odd.mp4", size="175x97", seconds=2.0))
+    (sample,), _ = clip_and_decode(odd, [Span(start_s=0.0, end_s=2.0)], ClipConfig(num_frames=4))
+    assert (sample.clip.mp4_width % 2, sample.clip.mp4_height % 2) == (0, 0)
+    assert _mp4_info(sample.mp4, tmp_path).width == sample.clip.mp4_width
+
+    src = make_test_video(tmp_path / "land.mp4", size="320x240", seconds=2.0)
+    ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(tmp_path / "rot.mp4"))
+    rot = _probed(tmp_path / "rot.mp4")
+    (sample,), _ = clip_and_decode(rot, [Span(start_s=0.0, end_s=2.0)], ClipConfig(num_frames=2))
+    frame = _image(sample.frames[0])
+    # portrait after rotation: grey bars left and right, not top and bottom
+    assert np.abs(frame[:, :40].mean(axis=(0, 1)) - 127).max() < 3
+    assert np.abs(frame[:40, 150:230].mean(axis=(0, 1)) - 127).max() > 10
+    assert (sample.clip.mp4_width, sample.clip.mp4_height) == (240, 320)  # never upscaled
+
+    one = _probed(make_test_video(tmp_path / "one.mp4", seconds=0.04, fps=25))
+    assert one.probe.num_frames == 1
+    (sample,), _ = clip_and_decode(one, [Span(start_s=0.0, end_s=one.probe.duration_s)], ClipConfig(num_frames=8))
+    assert len(sample.frames) == 8 and len(set(sample.frames)) == 1
+
+
+def test_many_clips_in_batches_keep_their_own_frames(scene_video):
+    video = _probed(scene_video)
+    spans = [Span(start_s=float(s), end_s=float(s) + 1.0) for s in range(8)]
+    samples, failures = clip_and_decode(video, spans, ClipConfig(num_frames=2, clips_per_ffmpeg=3, write_mp4=False))
+    assert failures == [] and len(samples) == 8
+    assert [s.clip.start_s for s in samples] == [float(s) for s in range(8)]
+    # scenes: testsrc2 [0,3), mandelbrot [3,5), smptebars [5,8): frames differ across scene lines
+    means = [_image(s.frames[0]).mean() for s in samples]
+    assert abs(means[3] - means[2]) > 5 and abs(means[5] - means[4]) > 5
