@@ -158,6 +158,7 @@ class VideoResult(_Record):
     samples: list[ShardSample] = Field(default_factory=list)
     failures: list[Failure] = Field(default_factory=list)
     failed: bool = False  # a video-level failure: later stages skip it
+    node_id: str | None = None  # the Ray node that decoded it (provenance for cluster runs)
 
     def fail_video(self, stage: str, reason: str, detail: str) -> "VideoResult":
         """Record a video-level failure: one per annotation sample when the video carries samples,

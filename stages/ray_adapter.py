@@ -41,4 +41,12 @@ class RayStage:
             return result.fail_video(self.name, reasons.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     def __call__(self, row: dict) -> dict:
-        return to_row(self.run(from_row(row)))
+        result = self.run(from_row(row))
+        result.node_id = _current_node_id()  # the last stage that ran wins: clip_decode does the work
+        return to_row(result)
+
+
+def _current_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -72,7 +72,7 @@ VIDEO_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
     ("size_bytes", pa.int64()), ("status", pa.string()), ("num_clips", pa.int32()), ("num_failures", pa.int32()),
     ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
-    ("codec", pa.string()), ("rotation_deg", pa.int32()), ("has_audio", pa.bool_()),
+    ("codec", pa.string()), ("rotation_deg", pa.int32()), ("has_audio", pa.bool_()), ("node_id", pa.string()),
 ])
 FAILURE_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("video_id", pa.string()), ("shard", pa.string()), ("stage", pa.string()),
@@ -107,7 +107,8 @@ def video_row(result: VideoResult, shard: str) -> dict:
             "num_failures": len(result.failures), "duration_s": probe.duration_s if probe else None,
             "fps": probe.fps if probe else None, "width": probe.width if probe else None,
             "height": probe.height if probe else None, "codec": probe.codec if probe else None,
-            "rotation_deg": probe.rotation_deg if probe else None, "has_audio": probe.has_audio if probe else None}
+            "rotation_deg": probe.rotation_deg if probe else None, "has_audio": probe.has_audio if probe else None,
+            "node_id": result.node_id}
 
 
 def failure_row(failure: Failure, shard: str) -> dict:

@@ -1,0 +1,32 @@
+"""Reason codes of the captioning stages (caption, instruct, filter). One code per way a caption or a pair
+can be lost, so SQL can group by them. Kept apart from `schemas/reasons.py` (the video path's codes)."""
+
+# caption
+NO_CAPTION = "no_caption"  # no source caption and no VLM configured
+CAPTION_REQUEST_FAILED = "caption_request_failed"  # the VLM call failed after its retries
+CAPTION_EMPTY = "caption_empty"  # the VLM answered nothing usable
+# instruct (one failure per expected pair id `<clip_id>-<prompt_version>-q<i>`)
+LLM_REQUEST_FAILED = "llm_request_failed"  # timeouts, 429 or 5xx past the retry budget, 4xx, connection
+LLM_MALFORMED_JSON = "llm_malformed_json"  # not JSON even after repair
+LLM_SCHEMA_INVALID = "llm_schema_invalid"  # JSON that does not validate into the pairs schema
+LLM_MISSING_PAIR = "llm_missing_pair"  # fewer valid pairs than asked for
+LLM_TRUNCATED = "llm_truncated"  # the answer hit max_tokens and could not be salvaged
+# filter: rules on one pair
+EMPTY_TEXT = "empty_text"
+INSTRUCTION_TOO_SHORT = "instruction_too_short"
+INSTRUCTION_TOO_LONG = "instruction_too_long"
+ANSWER_TOO_SHORT = "answer_too_short"
+ANSWER_TOO_LONG = "answer_too_long"
+REPETITIVE = "repetitive_text"
+REFUSAL = "refusal"
+ANSWER_COPIES_INSTRUCTION = "answer_copies_instruction"
+WRONG_LANGUAGE = "wrong_language"
+BAD_MULTIPLE_CHOICE = "bad_multiple_choice"
+# filter: duplicates
+DUPLICATE_INSTRUCTION = "duplicate_instruction"  # same normalized instruction in the clip
+NEAR_DUPLICATE_INSTRUCTION = "near_duplicate_instruction"  # embedding or token overlap above threshold
+OVERUSED_INSTRUCTION = "overused_instruction"  # seen too often across the dataset
+DUPLICATE_CLIP = "duplicate_clip"  # frame hashes close to an earlier clip (same video or dataset)
+# filter: model scores
+LOW_RELEVANCE = "low_relevance"  # answer does not address the instruction (sentence encoder)
+NOT_GROUNDED = "not_grounded"  # answer not supported by the dense caption (sentence encoder)

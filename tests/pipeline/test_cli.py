@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_test_video
+from pipeline.stats import connect
+
+HICOM = [sys.executable, "-m", "pipeline.cli"]
+
+
+def hicom(*args, check=True):
+    proc = subprocess.run([*HICOM, *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hicom {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_documents_every_command():
+    out = hicom("--help").stdout
+    for command in ("build", "rebuild", "stats", "export-llava"):
+        assert command in out
+    assert "--dry-run" in hicom("build", "--help").stdout
+    assert "--annotations" in hicom("rebuild", "--help").stdout
+
+
+@pytest.fixture(scope="module")
+def release_like(tmp_path_factory):
+    """A HICom-248K-shaped release: pre-split clips + LLaVA JSON (multi-turn, bad paths, bad entries)."""
+    root = tmp_path_factory.mktemp("release")
+    clips = root / "split_videos"
+    clips.mkdir()
+    make_test_video(clips / "c1.mp4", seconds=2.0)
+    make_test_video(clips / "c2.mp4", seconds=1.5, size="256x144")
+    (clips / "broken.mp4").write_text("nope")
+    q = {"from": "human", "value": "<video>\nWhat is shown?"}
+    a = {"from": "gpt", "value": "A colourful test pattern."}
+    entries = [
+        {"id": "s1", "video": "c1.mp4", "conversations": [q, a]},
+        {"id": "s2", "video": "c1.mp4", "conversations": [q, a, {"from": "human", "value": "And then?"}, a]},
+        {"id": "s3", "video": "c2.mp4", "conversations": [q, a]},
+        {"id": "s4", "video": "broken.mp4", "conversations": [q, a]},
+        {"id": "s5", "video": "../../etc/hosts", "conversations": [q, a]},
+        {"id": "s6", "video": "missing.mp4", "conversations": [q, a]},
+        {"id": "s7", "conversations": [q, a]},
+    ]
+    (root / "qa.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_rebuild_stats_and_export_llava(release_like, tmp_path):
+    run = tmp_path / "run"
+    out = hicom("rebuild", "--annotations", str(release_like / "qa.json"), "--video-root",
+                str(release_like / "split_videos"), "--out", str(run), "--no-progress",
+                "--set", "clip.num_frames=8").stdout
+    assert "2 clips" in out
+    con = connect(run)
+    in_pairs = {r[0] for r in con.execute("SELECT DISTINCT sample_id FROM pairs").fetchall()}
+    failed = dict(con.execute("SELECT item_id, reason FROM failures").fetchall())
+    assert in_pairs == {"s1", "s2", "s3"}
+    assert failed == {"s4": "not_a_video", "s5": "path_escapes_root", "s6": "missing_file", "s7": "bad_annotation"}
+    assert con.execute("SELECT count(*) FROM pairs WHERE sample_id = 's2'").fetchone()[0] == 2
+
+    report = hicom("stats", str(run), "--plot", str(tmp_path / "plots")).stdout
+    assert "Failures by reason" in report and "path_escapes_root" in report
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+    sql = hicom("stats", str(run), "--sql", "SELECT count(*) AS n FROM clips").stdout
+    assert sql.splitlines()[-1].strip() == "2"
+    refused = hicom("stats", str(run), "--sql", f"COPY clips TO '{tmp_path / 'x.csv'}'", check=False)
+    assert refused.returncode == 2 and not (tmp_path / "x.csv").exists()
+    refused = hicom("stats", str(run), "--sql", f"ATTACH '{tmp_path / 'x.db'}' AS x", check=False)
+    assert refused.returncode == 2 and not (tmp_path / "x.db").exists()
+
+    hicom("export-llava", str(run), str(tmp_path / "export" / "train.json"), "--no-progress")
+    exported = json.loads((tmp_path / "export" / "train.json").read_text())
+    original = {e["id"]: e for e in json.loads((release_like / "qa.json").read_text())}
+    assert sorted(e["id"] for e in exported) == ["s1", "s2", "s3"]
+    for entry in exported:
+        assert entry["conversations"] == original[entry["id"]]["conversations"]
+        assert (tmp_path / "export" / "train_clips" / entry["video"]).stat().st_size > 0
+
+
+def test_dry_run_lists_without_writing(sample_dir, tmp_path):
+    out = hicom("build", "--input", str(sample_dir), "--out", str(tmp_path / "run"), "--dry-run").stdout
+    assert "4 videos would be processed" in out and "bikes.mp4" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_fails_loudly(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("split:\n  mode: sideways\n")
+    proc = hicom("build", str(cfg), "--input", str(tmp_path), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode != 0 and "mode" in proc.stderr
