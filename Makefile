@@ -27,7 +27,7 @@ samples: setup
 
 demo: samples
 	rm -rf runs/demo
-	$(VENV)/bin/hicom build configs/demo.yaml --input $(SAMPLES) --out runs/demo
+	$(VENV)/bin/hicom build configs/demo.yaml --input $(SAMPLES)/manifest.csv --out runs/demo
 	$(VENV)/bin/hicom stats runs/demo --plot runs/demo/plots
 	@echo "shards: $$(pwd)/runs/demo/shards"
 

