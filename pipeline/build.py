@@ -55,11 +55,10 @@ def init_ray(cfg: RunConfig) -> None:
 
 def stage_pipeline(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
     """The stages in order, each with the Ray resources it declares."""
-    scratch = None
     return [
         (RayStage(probe.STAGE, probe.apply, cfg.probe), {**probe.RESOURCES, "concurrency": cfg.ray.probe_concurrency}),
         (RayStage(split.STAGE, split.apply, cfg.split), split.RESOURCES),
-        (RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip, scratch),
+        (RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip),
          {**clip_decode.RESOURCES, "concurrency": cfg.ray.clip_concurrency}),
         (RayStage(pairs.STAGE, pairs.apply, cfg.input), {}),
     ]
@@ -72,6 +71,7 @@ def run_stages_on_ray(cfg: RunConfig, videos: list[VideoRecord]):
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
     rows = [to_row(VideoResult(video_id=v.id, source=v.relpath, video=v)) for v in videos]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_BLOCKS))
     for stage, resources in stage_pipeline(cfg):

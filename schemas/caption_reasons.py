@@ -30,3 +30,4 @@ DUPLICATE_CLIP = "duplicate_clip"  # frame hashes close to an earlier clip (same
 # filter: model scores
 LOW_RELEVANCE = "low_relevance"  # answer does not address the instruction (sentence encoder)
 NOT_GROUNDED = "not_grounded"  # answer not supported by the dense caption (sentence encoder)
+MENTIONS_CAPTION = "mentions_caption"  # talks about "the description/caption" instead of the video

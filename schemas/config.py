@@ -85,6 +85,9 @@ class RayConfig(_Config):
     address: str | None = None  # None: a local Ray; "auto" or "ray://host:10001" for a cluster
     num_cpus: int | None = None  # local Ray only
     preserve_order: bool = True  # deterministic shard contents for the same input
+    # Ray Data reserves part of the CPU budget per operator; the video stages fuse into one operator, so on a
+    # small machine the reservation only strands CPUs (measured: 2 CPUs ran 1 FFmpeg task at a time).
+    op_resource_reservation: bool = False
     probe_concurrency: int | None = None
     clip_concurrency: int | None = None
 

@@ -201,16 +201,16 @@ def clip_and_decode(video: VideoRecord, spans: list[Span], cfg: ClipConfig,
         seen.add(clip.record.id)
         unique.append(clip)
     for start in range(0, len(unique), cfg.clips_per_ffmpeg):
-        batch_samples, batch_failures = decode_batch(
-            video, unique[start:start + cfg.clips_per_ffmpeg], cfg, scratch_dir or os.environ.get("HICOM_SCRATCH"))
+        batch_samples, batch_failures = decode_batch(video, unique[start:start + cfg.clips_per_ffmpeg], cfg,
+                                                     scratch_dir or os.environ.get("HICOM_SCRATCH"))
         samples += batch_samples
         failures += batch_failures
     return samples, failures
 
 
-def apply(result: VideoResult, cfg: ClipConfig, scratch_dir: str | None = None) -> VideoResult:
+def apply(result: VideoResult, cfg: ClipConfig) -> VideoResult:
     """Record-level step: cut and decode the planned clips."""
-    samples, failures = clip_and_decode(result.video, result.planned, cfg, scratch_dir)
+    samples, failures = clip_and_decode(result.video, result.planned, cfg)
     result.samples += samples
     result.failures += failures
     result.failed = not samples
