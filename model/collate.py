@@ -59,7 +59,8 @@ class HicomProcessor:
             num_frames: (B,) long, frames per example,
             input_ids / labels / attention_mask: (B, L) long, right padded; input_ids hold one
                 VIDEO_TOKEN_INDEX per row where the visual tokens go,
-            guide_input_ids: (B, guide_max_length) long, or None without a guide,
+            guide_input_ids / guide_attention_mask: (B, guide_max_length) long, or None without a
+                guide (the mask is None too when the guide tokenizer returns none),
             guide_texts: list of instruction strings.
         """
         if not examples:
@@ -85,10 +86,11 @@ class HicomProcessor:
             input_ids[b, : len(i)] = i
             label_t[b, : len(lab)] = lab
             mask[b, : len(i)] = 1
-        guide_ids = None
+        guide_ids = guide_mask = None
         if self.guide_tokenizer is not None:
-            guide_ids = self.guide_tokenizer(guides, padding="max_length", truncation=True,
-                                             max_length=self.guide_max_length, return_tensors="pt")["input_ids"]
+            enc = self.guide_tokenizer(guides, padding="max_length", truncation=True,
+                                       max_length=self.guide_max_length, return_tensors="pt")
+            guide_ids, guide_mask = enc["input_ids"], enc.get("attention_mask")
         return {
             "keys": keys,
             "pixel_values": torch.cat(pixels),
@@ -97,6 +99,7 @@ class HicomProcessor:
             "labels": label_t,
             "attention_mask": mask,
             "guide_input_ids": guide_ids,
+            "guide_attention_mask": guide_mask,
             "guide_texts": guides,
         }
 

@@ -28,6 +28,13 @@ class HicomCompressor(nn.Module):
         self.local_compressor = LocalCompressor(cfg) if cfg.use_local else None
         self.global_compressor = GlobalCompressor(cfg) if cfg.use_global else None
 
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters the forward never reads: with `direct` global injection the learned queries are
+        replaced by the instruction (release quirk) but kept so weights stay release-compatible."""
+        if self.global_compressor is not None and self.global_compressor.guide_mode == "direct":
+            return ["global_compressor.query"]
+        return []
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

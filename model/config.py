@@ -179,7 +179,7 @@ class TinySizes:
     llm_layers: int = 2
     llm_heads: int = 4
     llm_kv_heads: int = 2
-    llm_init_std: float = 0.02  # tiny LLM init std
+    llm_init_std: float = 0.3  # large enough that a frozen random LLM can be steered by its inputs
     seed: int = 0  # random init is seeded so two builds give the same frozen towers
 
 
@@ -201,9 +201,16 @@ class HicomConfig:
     num_frames: int = 32  # frames per clip the trainer feeds (release 32)
     max_length: int = 4096  # LLM sequence cap after the visual tokens are spliced in
     system_prompt: str = "You are a helpful assistant."
-    guide_text_quirks: bool = True  # reproduce the release's str.lstrip("Question: ") quirk
+    guide_text_quirks: bool | None = None  # release's str.lstrip("Question: "); None: on in release behaviour
     frozen_dtype: str = "float32"  # dtype of the frozen towers and LLM (bfloat16 for 7B on GPU)
     gradient_checkpointing: bool = False  # checkpoint the LLM layers (7B); grads still reach inputs
+
+    @property
+    def use_guide_text_quirks(self) -> bool:
+        """Whether guide text extraction copies the release's `lstrip` quirk (default: release behaviour)."""
+        if self.guide_text_quirks is None:
+            return self.compressor.behaviour == "release"
+        return self.guide_text_quirks
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; `from_dict` restores an equal config."""

@@ -39,6 +39,12 @@ class HicomForConditionalPretraining(nn.Module):
         self.processor = processor
         self.requires_grad_(False)
         self.mm_projector.requires_grad_(True)
+        # never-read parameters stay frozen, so DDP needs no find_unused_parameters and the
+        # optimiser skips them; they are still saved and loaded with the rest of mm_projector
+        unused = set(self.mm_projector.unused_parameter_names())
+        for name, param in self.mm_projector.named_parameters():
+            if name in unused:
+                param.requires_grad_(False)
         self.train()
 
     def train(self, mode: bool = True) -> "HicomForConditionalPretraining":
@@ -54,7 +60,7 @@ class HicomForConditionalPretraining(nn.Module):
 
     # --- parameters and weights ---------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser should update (the compressor only)."""
+        """Parameters the optimiser should update: the compressor's (minus never-read ones)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -86,7 +92,8 @@ class HicomForConditionalPretraining(nn.Module):
         return next(self.mm_projector.parameters()).device
 
     def encode_visual(self, pixel_values: torch.Tensor, num_frames: torch.Tensor,
-                      guide_input_ids: torch.Tensor | None) -> list[torch.Tensor]:
+                      guide_input_ids: torch.Tensor | None = None,
+                      guide_attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Visual tokens per example: a list of (N_i, llm_hidden) tensors (grad flows to the compressor)."""
         cfg = self.config.compressor
         need_key = cfg.use_local and cfg.local_guide_mode != "none"
@@ -95,12 +102,18 @@ class HicomForConditionalPretraining(nn.Module):
         if cfg.uses_guide:
             if self.guide_encoder is None or guide_input_ids is None:
                 raise ValueError("this compressor uses the instruction but the batch has no guide_input_ids")
-            guide, guide_tokens = self.guide_encoder(guide_input_ids, with_tokens=cfg.uses_guide_tokens)
+            guide, guide_tokens = self.guide_encoder(guide_input_ids, guide_attention_mask,
+                                                     with_tokens=cfg.uses_guide_tokens)
         counts = [int(n) for n in num_frames]
+        if len(set(counts)) == 1:  # the usual case: one compressor call on a view, no copies
+            shape = (len(counts), counts[0], *value.shape[1:])
+            tokens = self.mm_projector(value.view(shape), key.view(*shape[:4], -1) if key is not None else None,
+                                       guide, guide_tokens)
+            return list(tokens.unbind(0))
         values = value.split(counts)
         keys = key.split(counts) if key is not None else [None] * len(counts)
         out: list[torch.Tensor | None] = [None] * len(counts)
-        # examples with the same frame count go through the compressor together
+        # mixed frame counts: examples with the same count go through the compressor together
         for t in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == t]
             sel = torch.tensor(idx, device=value.device)
@@ -117,10 +130,13 @@ class HicomForConditionalPretraining(nn.Module):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scalar LM loss over the last answer of each example in a collated batch."""
         device = self.device
-        visual = self.encode_visual(
-            batch["pixel_values"].to(device), batch["num_frames"],
-            batch["guide_input_ids"].to(device) if batch.get("guide_input_ids") is not None else None,
-        )
+
+        def opt(name):
+            value = batch.get(name)
+            return value.to(device) if value is not None else None
+
+        visual = self.encode_visual(batch["pixel_values"].to(device), batch["num_frames"],
+                                    opt("guide_input_ids"), opt("guide_attention_mask"))
         return self.llm(batch["input_ids"].to(device), batch["labels"].to(device),
                         batch["attention_mask"].to(device), visual)
 

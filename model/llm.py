@@ -33,7 +33,10 @@ class HicomLLM(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             # non-reentrant checkpointing lets grads reach the inputs although no LLM weight trains
-            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @property
     def hidden_size(self) -> int:

@@ -76,9 +76,9 @@ def tiny_llm_tokenizer():
 
 
 def tiny_guide_tokenizer(max_length: int = 64):
-    """SigLIP-style tokenizer for the tiny text tower: appends `</s>`, pads with `</s>`, no attention mask."""
+    """SigLIP-style tokenizer for the tiny text tower: appends `</s>` and pads with `</s>`."""
     return byte_level_tokenizer(("</s>", "<unk>"), template_eos="</s>", pad_token="</s>", unk_token="<unk>",
-                                eos_token="</s>", model_max_length=max_length, model_input_names=["input_ids"])
+                                eos_token="</s>", model_max_length=max_length)
 
 
 def _build_tiny(config: HicomConfig):
@@ -96,7 +96,7 @@ def _build_tiny(config: HicomConfig):
             vocab_size=len(guide_tokenizer), hidden_size=t.text_hidden, intermediate_size=2 * t.text_hidden,
             num_hidden_layers=t.text_layers, num_attention_heads=t.text_heads, projection_size=t.text_hidden,
             max_position_embeddings=config.guide_max_length, pad_token_id=guide_tokenizer.pad_token_id,
-            eos_token_id=guide_tokenizer.eos_token_id))
+            bos_token_id=guide_tokenizer.eos_token_id, eos_token_id=guide_tokenizer.eos_token_id))
         llm = Qwen2ForCausalLM(Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=t.llm_hidden, intermediate_size=2 * t.llm_hidden,
             num_hidden_layers=t.llm_layers, num_attention_heads=t.llm_heads, num_key_value_heads=t.llm_kv_heads,
@@ -152,7 +152,7 @@ def build_model(config: HicomConfig, device: torch.device | str | None = None) -
     dtype = getattr(torch, config.frozen_dtype)
     processor = HicomProcessor(tokenizer=tokenizer, guide_tokenizer=guide_tokenizer, frames=frames,
                                system_prompt=config.system_prompt, guide_max_length=config.guide_max_length,
-                               guide_text_quirks=config.guide_text_quirks)
+                               guide_text_quirks=config.use_guide_text_quirks)
     model = HicomForConditionalPretraining(
         config,
         VisionTower(vision.to(dtype), config.vision_select_layer),

@@ -5,8 +5,8 @@ VALUE = hidden_states[-2] (release `mm_vision_select_layer -2`).
 KEY   = last_hidden_state + head.mlp(head.layernorm(last_hidden_state)): the MAP head's MLP residual
         applied per patch (no attention pooling), which lands patches in the image-text joint space.
 Guide = text tower `pooler_output` (direct / coarse) or head(last_hidden_state) per token (fine),
-        tokenized with padding to max length (64) and truncation; no attention mask is passed, as
-        SigLIP's tokenizer gives none and the release feeds it as is.
+        tokenized with padding to max length (64) and truncation; the tokenizer's attention mask is
+        passed to the text model, as the release does (`guide_encoder(**guided_input)`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class VisionTower(nn.Module):
         if not with_key:
             return value, None
         last = out.last_hidden_state
-        head = self.model.head
+        head = _inner(self.model, "vision_model").head
         key = last + head.mlp(head.layernorm(last))
         return value, key.reshape(key.shape[0], side, side, -1)
 
@@ -110,11 +110,20 @@ class GuideEncoder(nn.Module):
         self.hidden_size = model.config.projection_size
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, with_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, L) ids -> pooled (B, D) and, with `with_tokens`, head(last_hidden_state) (B, L, D)."""
-        out = self.model(input_ids=input_ids)
-        tokens = self.model.head(out.last_hidden_state) if with_tokens else None
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                with_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L) ids (+ mask) -> pooled (B, D) and, with `with_tokens`, head(last_hidden_state) (B, L, D).
+
+        The pooled output is SigLIP's: the head applied to the *last* position (a pad token for short
+        texts, which is how SigLIP was trained with max-length padding)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        tokens = _inner(self.model, "text_model").head(out.last_hidden_state) if with_tokens else None
         return out.pooler_output, tokens
+
+
+def _inner(model: nn.Module, name: str) -> nn.Module:
+    """The module holding `head`: transformers 5 flattens SigLIP models, 4.x nests them under `name`."""
+    return getattr(model, name, model)
 
 
 def load_siglip(path: str, dtype: torch.dtype, need_text: bool):
