@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,14 +120,17 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     writer.add_failures(loose)
     report.new_failures += len(loose)
     if pending:
+        failed_at: Counter[str] = Counter()
         bar = tqdm(total=len(pending), desc="videos", unit="video", disable=not progress)
         for result in run_stages_on_ray(cfg, pending):
             writer.add(result)
             report.processed_videos += 1
             report.new_clips += len(result.samples)
             report.new_failures += len(result.failures)
+            failed_at.update(f.stage for f in result.failures)
             bar.update(1)
-            bar.set_postfix(clips=report.new_clips, failures=report.new_failures, refresh=False)
+            bar.set_postfix(clips=report.new_clips, shards=len(writer.committed),
+                            **{f"failed_{stage}": n for stage, n in sorted(failed_at.items())}, refresh=False)
         bar.close()
     writer.flush()
     report.counts = total_counts(run_dir)
