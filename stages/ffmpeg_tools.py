@@ -9,8 +9,11 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-# FFmpeg may only open plain files: playlists, concat lists or URLs inside an input cannot reach anything else.
-SAFE_INPUT_ARGS = ["-protocol_whitelist", "file"]
+# FFmpeg may only open plain local files, and only with demuxers that read nothing but the file itself:
+# playlist/list demuxers (hls, concat, image2 sequences, ...) would follow paths or URLs inside an input.
+SAFE_DEMUXERS = ("mov,matroska,webm,avi,mpeg,mpegts,mpegtsraw,flv,ogg,asf,nut,mxf,h264,hevc,m4v,mpegvideo,"
+                 "gif,png_pipe,jpeg_pipe,webp_pipe,bmp_pipe,wav,mp3,aac,flac")
+SAFE_INPUT_ARGS = ["-protocol_whitelist", "file", "-format_whitelist", SAFE_DEMUXERS]
 DEFAULT_MEMORY_LIMIT_BYTES = 8 * 1024**3
 _PR_SET_PDEATHSIG = 1
 

@@ -56,14 +56,14 @@ def looks_like_video_container(head: bytes) -> bool:
 
 def _classify_ffprobe_error(stderr: str, head: bytes) -> str:
     text = stderr.lower()
+    if "not on whitelist" in text:
+        return reasons.FORBIDDEN_REFERENCE
     if not looks_like_video_container(head):
         return reasons.NOT_A_VIDEO
     if "moov atom not found" in text or "end of file" in text:
         return reasons.TRUNCATED
     if "invalid data found" in text or "unknown format" in text:
         return reasons.NOT_A_VIDEO
-    if "protocol" in text and "not on whitelist" in text:
-        return reasons.FORBIDDEN_REFERENCE
     return reasons.UNDECODABLE
 
 
