@@ -115,6 +115,10 @@ def probe_info(path: str, size_bytes: int, cfg: ProbeConfig) -> ProbeInfo:
     streams = meta.get("streams", [])
     videos = [s for s in streams
               if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")]
+    if not streams:
+        if fmt.get("duration") not in (None, "N/A") and float(fmt["duration"]) == 0.0:
+            raise ProbeRejected(reasons.ZERO_DURATION, "an empty container: no streams, zero duration")
+        raise ProbeRejected(reasons.TRUNCATED, "the container declares no streams (corrupt header)")
     if not videos:
         kinds = sorted({s.get("codec_type", "?") for s in streams}) or ["none"]
         raise ProbeRejected(reasons.NO_VIDEO_STREAM, f"no video stream (streams: {', '.join(kinds)})")

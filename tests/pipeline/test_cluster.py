@@ -3,9 +3,11 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _count_alive_nodes(address: str, env: dict) -> int:
+    probe = subprocess.run([sys.executable, "-c", _COUNT_NODES % address], env=env, capture_output=True, text=True,
+                           timeout=120)
+    lines = probe.stdout.strip().splitlines()
+    return int(lines[-1]) if probe.returncode == 0 and lines else 0
+
+
+_COUNT_NODES = "import ray; ray.init(address='%s', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+
+
+def _start_node(args: list[str], env: dict) -> subprocess.Popen:
+    """`ray start --block` in its own process group, so stopping it touches no other Ray on the machine
+    (`ray stop` would also kill the test session's own local Ray)."""
+    return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait_s)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path):
     # One shared token for every process, as in production; never auth disabled.
@@ -31,26 +62,42 @@ def two_node_cluster(tmp_path):
     address = f"127.0.0.1:{port}"
     temp_dir = Path("/tmp") / f"ray-{secrets.token_hex(3)}"  # short: unix socket paths are length-limited
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    nodes = []
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        f"--temp-dir={temp_dir}", '--resources={"head_node": 1}', *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=1", '--resources={"worker_node": 1}',
-                        *common], env=env, check=True, capture_output=True, timeout=120)
+        nodes.append(_start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                                  f"--temp-dir={temp_dir}", '--resources={"head_node": 1}', *common], env))
+        _wait_for_nodes(address, env, 1)
+        nodes.append(_start_node([f"--address={address}", "--num-cpus=1", '--resources={"worker_node": 1}',
+                                  *common], env))
+        _wait_for_nodes(address, env, 2)
         yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for proc in reversed(nodes):
+            _stop_node(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_nodes(address: str, env: dict, count: int, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if _count_alive_nodes(address, env) >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{count} Ray node(s) did not come up at {address}")
 
 
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_build_runs_across_two_nodes(two_node_cluster, tmp_path):
     address, env = two_node_cluster
-    status = subprocess.run([sys.executable, "-c",
-                             "import ray, json; ray.init(address='%s'); print(json.dumps(len(ray.nodes())))" % address],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert status.stdout.strip().splitlines()[-1] == "2", status.stderr
+    assert _count_alive_nodes(address, env) == 2
+    intruder = _start_node([f"--address={address}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                            "--disable-usage-stats"], {**env, "RAY_AUTH_TOKEN": "not-the-token"})
+    try:
+        time.sleep(15)
+        assert _count_alive_nodes(address, env) == 2, "a node without the cluster token joined"
+    finally:
+        _stop_node(intruder)
     videos = tmp_path / "videos"
     videos.mkdir()
     for i in range(6):
