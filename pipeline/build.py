@@ -82,6 +82,20 @@ def run_stages_on_ray(cfg: RunConfig, videos: list[VideoRecord]):
         yield from_row(row)
 
 
+class RunStorageError(RuntimeError):
+    pass
+
+
+def _write_or_stop(run_dir: Path, write, *args) -> None:
+    """A shard write that fails (disk full, I/O error) stops the run with a clear message; the writer has
+    already discarded the part, so nothing half-written is visible and a rerun resumes."""
+    try:
+        write(*args)
+    except OSError as exc:
+        raise RunStorageError(f"cannot write shards under {run_dir}: {exc}. Committed shards are intact; "
+                              "free space and rerun the same command to resume.") from exc
+
+
 def total_counts(run_dir: Path) -> dict:
     parts = committed_stats(run_dir)
     return {
@@ -123,7 +137,7 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
         failed_at: Counter[str] = Counter()
         bar = tqdm(total=len(pending), desc="videos", unit="video", disable=not progress)
         for result in run_stages_on_ray(cfg, pending):
-            writer.add(result)
+            _write_or_stop(run_dir, writer.add, result)
             report.processed_videos += 1
             report.new_clips += len(result.samples)
             report.new_failures += len(result.failures)
@@ -132,7 +146,7 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
             bar.set_postfix(clips=report.new_clips, shards=len(writer.committed),
                             **{f"failed_{stage}": n for stage, n in sorted(failed_at.items())}, refresh=False)
         bar.close()
-    writer.flush()
+    _write_or_stop(run_dir, writer.flush)
     report.counts = total_counts(run_dir)
     run.finish(report.counts)
     report.seconds = time.time() - started

@@ -88,7 +88,8 @@ def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdi
         if cfg.write_mp4 and not clip.copy_mp4:
             chains.append(f"{trim},split=2[m{i}][f{i}]")
             chains.append(f"[m{i}]{_mp4_scale(cfg)},setsar=1[mp4_{i}]")
-            outputs += ["-map", f"[mp4_{i}]", "-c:v", "libx264", "-preset", cfg.mp4_preset, "-crf",
+            outputs += ["-map", f"[mp4_{i}]", "-c:v", "libx264", "-threads", str(cfg.ffmpeg_threads),
+                        "-preset", cfg.mp4_preset, "-crf",
                         str(cfg.mp4_crf), "-pix_fmt", "yuv420p", "-an", "-movflags", "+faststart",
                         str(workdir / f"{i}.mp4")]
         else:

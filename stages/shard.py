@@ -134,20 +134,73 @@ class PartStats:
     num_samples: int = 0
     num_videos: int = 0
     num_failures: int = 0
+    num_pairs: int = 0
     tar_bytes: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _Pending:
-    results: list[VideoResult] = field(default_factory=list)
-    loose_failures: list[Failure] = field(default_factory=list)  # failures with no video (ingest)
-    samples: int = 0
-    bytes: int = 0
+def _sample_bytes(sample: ShardSample) -> int:
+    return sum(len(f) for f in sample.frames) + len(sample.mp4 or b"")
+
+
+class _OpenPart:
+    """The part being written: samples stream into `shard-N.tar.tmp`; only index rows stay in memory."""
+
+    def __init__(self, shards_dir: Path, index: int):
+        self.index = index
+        self.name = part_name(index)
+        self.tar_tmp = shards_dir / f"{self.name}.tar.tmp"
+        self.tar_file = None
+        self.tar = None
+        self.clips: list[dict] = []
+        self.pairs: list[dict] = []
+        self.videos: list[dict] = []
+        self.failures: list[Failure] = []
+        self.video_ids: list[str] = []
+        self.loose_failure_ids: list[str] = []
+        self.bytes = 0
+
+    def write(self, result: VideoResult) -> None:
+        if result.samples and self.tar is None:
+            self.tar_file = open(self.tar_tmp, "wb", buffering=1 << 20)
+            self.tar = wds.TarWriter(self.tar_file, encoder=False, mtime=TAR_MTIME)
+        for sample in result.samples:
+            self.tar.write(to_wds(sample))
+            self.clips.append(clip_row(sample, self.name))
+            self.pairs.extend(pair_rows(sample, self.name))
+            self.bytes += _sample_bytes(sample)
+        self.videos.append(video_row(result, self.name))
+        self.failures.extend(result.failures)
+        self.video_ids.append(result.video_id)
+
+    def close_tar(self) -> None:
+        """Finish the archive and get every byte to disk (TarWriter leaves a passed-in file open)."""
+        if self.tar is not None:
+            tar, self.tar = self.tar, None
+            tar.close()
+        if self.tar_file is not None:
+            tar_file, self.tar_file = self.tar_file, None
+            try:
+                tar_file.flush()
+                os.fsync(tar_file.fileno())
+            finally:
+                tar_file.close()
+
+    def discard(self) -> None:
+        """Drop a part that could not be committed (e.g. disk full): nothing half-written stays."""
+        try:
+            self.close_tar()
+        except OSError:
+            pass
+        self.tar_tmp.unlink(missing_ok=True)
 
 
 class ShardWriter:
-    """Buffers whole videos and commits them as parts; shard limits are checked between videos."""
+    """Commits whole videos into parts; shard limits are checked between videos, so a video is never split.
+
+    Samples are streamed into the open part's tar as they arrive (memory stays bounded by one video);
+    the part becomes visible only at `flush`, by renaming its files into place, the tar last.
+    """
 
     def __init__(self, run_dir: Path, cfg: ShardConfig, next_index: int = 0):
         self.shards_dir = Path(run_dir) / SHARDS_DIR
@@ -156,68 +209,75 @@ class ShardWriter:
         self.failures_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.next_index = next_index
-        self.pending = _Pending()
+        self.part: _OpenPart | None = None
         self.committed: list[PartStats] = []
 
-    def add_failures(self, failures: list[Failure]) -> None:
-        self.pending.loose_failures.extend(failures)
+    def _open_part(self) -> _OpenPart:
+        if self.part is None:
+            self.part = _OpenPart(self.shards_dir, self.next_index)
+            self.next_index += 1
+        return self.part
 
-    def add(self, result: VideoResult) -> list[PartStats]:
-        """Queue a video; returns the parts this committed (0 or 1)."""
-        size = sum(len(f) for s in result.samples for f in s.frames) + sum(len(s.mp4 or b"") for s in result.samples)
-        committed = []
-        full = (self.pending.samples + len(result.samples) > self.cfg.max_samples
-                or self.pending.bytes + size > self.cfg.max_bytes)
-        if full and self.pending.samples:
-            committed.append(self.flush())
-        self.pending.results.append(result)
-        self.pending.samples += len(result.samples)
-        self.pending.bytes += size
-        return [c for c in committed if c]
+    def add_failures(self, failures: list[Failure]) -> None:
+        """Failures that belong to no video (ingest): committed with the next part."""
+        part = self._open_part()
+        part.failures.extend(failures)
+        part.loose_failure_ids.extend(f.item_id for f in failures)
+
+    def add(self, result: VideoResult) -> PartStats | None:
+        """Write a video into the open part; returns the part committed first to make room, if any."""
+        committed = None
+        size = sum(_sample_bytes(s) for s in result.samples)
+        if self.part is not None and self.part.clips and (
+                len(self.part.clips) + len(result.samples) > self.cfg.max_samples
+                or self.part.bytes + size > self.cfg.max_bytes):
+            committed = self.flush()
+        part = self._open_part()
+        try:
+            part.write(result)
+        except BaseException:
+            self._abort()
+            raise
+        return committed
+
+    def _abort(self) -> None:
+        if self.part is not None:
+            self.part.discard()
+            self.part = None
 
     def flush(self) -> PartStats | None:
-        """Commit what is buffered as one part."""
-        pending, self.pending = self.pending, _Pending()
-        if not pending.results and not pending.loose_failures:
+        """Commit the open part (if it holds anything)."""
+        part, self.part = self.part, None
+        if part is None or not (part.video_ids or part.failures):
+            if part is not None:
+                part.discard()
             return None
-        index = self.next_index
-        self.next_index += 1
-        stats = self._commit(index, pending)
+        try:
+            stats = self._commit(part)
+        except BaseException:
+            part.discard()
+            raise
         self.committed.append(stats)
         return stats
 
-    def _commit(self, index: int, pending: _Pending) -> PartStats:
-        name = part_name(index)
-        samples = [s for r in pending.results for s in r.samples]
-        failures = [*pending.loose_failures, *(f for r in pending.results for f in r.failures)]
+    def _commit(self, part: _OpenPart) -> PartStats:
+        name = part.name
         base = self.shards_dir / name
-        _write_parquet(base.with_name(f"{name}.clips.parquet"), [clip_row(s, name) for s in samples], CLIP_SCHEMA)
-        _write_parquet(base.with_name(f"{name}.pairs.parquet"),
-                       [row for s in samples for row in pair_rows(s, name)], PAIR_SCHEMA)
-        _write_parquet(base.with_name(f"{name}.videos.parquet"),
-                       [video_row(r, name) for r in pending.results], VIDEO_SCHEMA)
-        _write_parquet(self.failures_dir / f"{name}.parquet", [failure_row(f, name) for f in failures],
+        part.close_tar()
+        _write_parquet(base.with_name(f"{name}.clips.parquet"), part.clips, CLIP_SCHEMA)
+        _write_parquet(base.with_name(f"{name}.pairs.parquet"), part.pairs, PAIR_SCHEMA)
+        _write_parquet(base.with_name(f"{name}.videos.parquet"), part.videos, VIDEO_SCHEMA)
+        _write_parquet(self.failures_dir / f"{name}.parquet", [failure_row(f, name) for f in part.failures],
                        FAILURE_SCHEMA)
-        tar_bytes = sum(len(f) for s in samples for f in s.frames) + sum(len(s.mp4 or b"") for s in samples)
-        stats = PartStats(index=index, num_samples=len(samples), num_videos=len(pending.results),
-                          num_failures=len(failures), tar_bytes=tar_bytes,
-                          failures_by_reason=dict(Counter(f.reason for f in failures)))
-        record = {**stats.__dict__, "shard": name, "committed_at": time.time(),
-                  "num_pairs": sum(len(s.pairs) for s in samples),
-                  "video_ids": [r.video_id for r in pending.results],
-                  "loose_failure_ids": [f.item_id for f in pending.loose_failures]}
+        stats = PartStats(index=part.index, num_samples=len(part.clips), num_videos=len(part.videos),
+                          num_failures=len(part.failures), num_pairs=len(part.pairs), tar_bytes=part.bytes,
+                          failures_by_reason=dict(Counter(f.reason for f in part.failures)))
+        record = {**stats.__dict__, "shard": name, "committed_at": time.time(), "video_ids": part.video_ids,
+                  "loose_failure_ids": part.loose_failure_ids}
         _write_atomic(base.with_name(f"{name}.stats.json"),
                       lambda tmp: tmp.write_text(json.dumps(record, indent=1), encoding="utf-8"))
-        if samples:
-            _write_atomic(base.with_name(f"{name}.tar"), lambda tmp: self._write_tar(tmp, samples))
+        if part.clips:
+            os.replace(part.tar_tmp, base.with_name(f"{name}.tar"))
         log.info("committed %s: %d clips, %d videos, %d failures", name, stats.num_samples, stats.num_videos,
                  stats.num_failures)
         return stats
-
-    @staticmethod
-    def _write_tar(path: Path, samples: list[ShardSample]) -> None:
-        with open(path, "wb", buffering=1 << 20) as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME)
-            for sample in samples:
-                writer.write(to_wds(sample))
-            writer.close()

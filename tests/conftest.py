@@ -1,11 +1,13 @@
 """Shared fixtures: real sample videos, FFmpeg-generated videos and bad inputs, a local Ray."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from pipeline.sample_videos import ensure_sample_videos
 
@@ -81,3 +83,17 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
+
+
+def shard_contents(run_dir) -> dict[str, str]:
+    """clip id -> hash of every member of its sample (json, frames, mp4)."""
+    out = {}
+    tars = sorted(str(p) for p in (run_dir / "shards").glob("shard-*.tar"))
+    for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
+        key = sample["__key__"]
+        assert key not in out, f"duplicate clip {key}"
+        digest = hashlib.sha256()
+        for member in sorted(k for k in sample if not k.startswith("__")):
+            digest.update(member.encode() + sample[member])
+        out[key] = digest.hexdigest()
+    return out

@@ -1,5 +1,4 @@
 """SIGKILL a build mid-run, rerun it, and compare with an uninterrupted build: identical clips and contents."""
-import hashlib
 import os
 import signal
 import subprocess
@@ -7,9 +6,8 @@ import sys
 import time
 
 import pytest
-import webdataset as wds
 
-from conftest import make_test_video
+from conftest import make_test_video, shard_contents
 from pipeline.build import build
 from schemas.config import load_run_config
 
@@ -20,20 +18,6 @@ clip: {num_frames: 4}
 shard: {max_samples: 3}
 ray: {num_cpus: 2}
 """
-
-
-def shard_contents(run_dir) -> dict[str, str]:
-    """clip id -> hash of every member of its sample (json, frames, mp4)."""
-    out = {}
-    tars = sorted(str(p) for p in (run_dir / "shards").glob("shard-*.tar"))
-    for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
-        key = sample["__key__"]
-        assert key not in out, f"duplicate clip {key}"
-        digest = hashlib.sha256()
-        for member in sorted(k for k in sample if not k.startswith("__")):
-            digest.update(member.encode() + sample[member])
-        out[key] = digest.hexdigest()
-    return out
 
 
 @pytest.mark.slow

@@ -103,3 +103,12 @@ def test_many_clips_in_batches_keep_their_own_frames(scene_video):
     # scenes: testsrc2 [0,3), mandelbrot [3,5), smptebars [5,8): frames differ across scene lines
     means = [_image(s.frames[0]).mean() for s in samples]
     assert abs(means[3] - means[2]) > 5 and abs(means[5] - means[4]) > 5
+
+
+def test_output_is_byte_identical_across_runs(tmp_path):
+    """Resume compares shards with an uninterrupted run: encoders must be deterministic (x264 is, per thread count)."""
+    video = _probed(make_test_video(tmp_path / "det.mp4", seconds=3.0, size="288x144"))
+    spans = [Span(start_s=float(s), end_s=float(s) + 1.0) for s in range(3)]
+    runs = [clip_and_decode(video, spans, ClipConfig(num_frames=4))[0] for _ in range(3)]
+    for samples in runs[1:]:
+        assert [(s.mp4, s.frames) for s in samples] == [(s.mp4, s.frames) for s in runs[0]]
