@@ -1,0 +1,145 @@
+"""Per-stage throughput on this machine, and a plan for Panda-70M scale (70M clips) on a Ray cluster.
+
+    .venv/bin/python bench/scale.py [--clips 70e6] [--clip-s 8.5] [--video-nodes 16] [--cores-per-node 32]
+
+Each stage runs alone in this process on generated 1280x720 H.264 videos (one core, like one Ray task), so the
+rates are per core; the end-to-end build then runs on Ray with every core here, as a check of the sum.
+The plan multiplies the measured per-core rates out; caption throughput and price are inputs (an endpoint's
+speed is not something this machine can measure), stated as such in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.build import build, init_ray  # noqa: E402
+from schemas.config import ClipConfig, InputConfig, ProbeConfig, RunConfig, ShardConfig, SplitConfig  # noqa: E402
+from schemas.records import Span, VideoResult  # noqa: E402
+from stages.clip_decode import clip_and_decode  # noqa: E402
+from stages.ingest import ingest_directory  # noqa: E402
+from stages.probe import probe_video  # noqa: E402
+from stages.shard import ShardWriter  # noqa: E402
+from stages.split import scene_cut_times  # noqa: E402
+
+SCENES = ("testsrc2", "mandelbrot", "smptebars", "rgbtestsrc", "testsrc")
+
+
+def make_video(path: Path, seconds_per_scene: float = 6.0) -> Path:
+    inputs, labels = [], []
+    for i, source in enumerate(SCENES):
+        inputs += ["-f", "lavfi", "-t", str(seconds_per_scene), "-i", f"{source}=size=1280x720:rate=30"]
+        labels.append(f"[{i}:v]")
+    graph = "".join(labels) + f"concat=n={len(SCENES)}:v=1:a=0,format=yuv420p[v]"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, "-filter_complex", graph, "-map", "[v]", "-c:v",
+                    "libx264", "-preset", "veryfast", "-g", "60", str(path)], check=True)
+    return path
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def measure(workdir: Path, videos: int, clip_s: float) -> dict:
+    folder = workdir / "videos"
+    folder.mkdir()
+    paths = [make_video(folder / f"v{i}.mp4") for i in range(videos)]
+    source_s = 6.0 * len(SCENES)
+    total_mb = sum(p.stat().st_size for p in paths) / 1e6
+    rates = {}
+    ingested, secs = timed(lambda: ingest_directory(InputConfig(), folder))
+    rates["ingest+sha256 (MB/s)"] = total_mb / secs
+    probed, secs = timed(lambda: [probe_video(v, ProbeConfig()) for v in ingested.videos])
+    rates["probe (videos/s)"] = len(probed) / secs
+    _, secs = timed(lambda: [scene_cut_times(v.source, SplitConfig()) for v in probed])
+    rates["scene split (video s/s)"] = len(probed) * source_s / secs
+    spans = [Span(start_s=t, end_s=min(t + clip_s, source_s)) for t in [i * clip_s for i in range(int(source_s // clip_s))]]
+    results, secs = timed(lambda: [clip_and_decode(v, spans, ClipConfig()) for v in probed])
+    clips = sum(len(samples) for samples, _ in results)
+    rates["clip+decode (clips/s)"] = clips / secs
+    writer = ShardWriter(workdir / "shards", ShardConfig())
+    flat = [VideoResult(video_id=v.id, video=v, samples=samples) for v, (samples, _) in zip(probed, results)]
+    _, secs = timed(lambda: ([writer.add(r) for r in flat], writer.flush()))
+    rates["shard write (clips/s)"] = clips / secs
+    rates["shard size (MB per clip)"] = sum(p.stat().st_size for p in (workdir / "shards").rglob("*.tar")) / clips / 1e6
+    cfg = RunConfig.model_validate({"input": {"path": str(folder)}, "split": {"mode": "fixed", "window_s": clip_s,
+                                                                             "stride_s": clip_s}})
+    init_ray(cfg)  # cluster start-up is not throughput
+    report, secs = timed(lambda: build(cfg, workdir / "run", progress=False))
+    rates[f"end-to-end Ray build, {os.cpu_count()} cores (clips/s)"] = report.counts["clips"] / secs
+    return rates
+
+
+def plan(rates: dict, args) -> list[str]:
+    clips = args.clips
+    source_hours = clips * args.clip_s / 3600
+    decode_core_h = clips / rates["clip+decode (clips/s)"] / 3600
+    scene_core_h = source_hours * 3600 / rates["scene split (video s/s)"] / 3600
+    probe_core_h = args.source_videos / rates["probe (videos/s)"] / 3600
+    video_cores = args.video_nodes * args.cores_per_node
+    video_wall_h = (decode_core_h + scene_core_h + probe_core_h) / video_cores
+    tokens_in = clips * args.prompt_tokens
+    tokens_out = clips * args.output_tokens
+    caption_gpu_h = tokens_out / args.gpu_output_tokens_s / 3600
+    caption_wall_h = caption_gpu_h / max(args.gpu_nodes, 1)
+    cost = tokens_in / 1e6 * args.price_in_per_m + tokens_out / 1e6 * args.price_out_per_m
+    shard_tb = clips * rates["shard size (MB per clip)"] / 1e6
+    bound = "video decode (CPU)" if video_wall_h >= caption_wall_h else "captioning (GPU/endpoint)"
+    return [
+        f"target: {clips:,.0f} clips x {args.clip_s} s = {source_hours:,.0f} h of video from "
+        f"{args.source_videos:,.0f} source videos",
+        f"CPU core-hours: probe {probe_core_h:,.0f}, scene split {scene_core_h:,.0f}, clip+decode {decode_core_h:,.0f}",
+        f"video stages on {args.video_nodes} x {args.cores_per_node}-core nodes ({video_cores} cores): "
+        f"{video_wall_h:,.1f} h wall",
+        f"captioning (input): {args.prompt_tokens} prompt + {args.output_tokens} output tokens per clip -> "
+        f"{tokens_in / 1e9:,.1f}B in, {tokens_out / 1e9:,.1f}B out; at {args.gpu_output_tokens_s:,.0f} output tok/s "
+        f"per GPU: {caption_gpu_h:,.0f} GPU-h = {caption_wall_h:,.1f} h on {args.gpu_nodes} GPUs",
+        f"captioning through a paid endpoint at ${args.price_in_per_m}/M in, ${args.price_out_per_m}/M out: "
+        f"${cost:,.0f}",
+        f"shards: ~{shard_tb:,.1f} TB at the measured {rates['shard size (MB per clip)']:.2f} MB per clip",
+        f"bounded by: {bound}",
+        "ray_cluster.yaml: node type cpu_video (max_workers = video nodes) runs probe/split/clip with num_cpus=1 "
+        "per task; node type gpu hosts the vLLM/SGLang endpoints (caption.endpoint.base_url) and the trainer.",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=4, help="30 s 720p videos to measure on")
+    parser.add_argument("--clips", type=float, default=70e6)
+    parser.add_argument("--clip-s", type=float, default=8.5, help="mean clip length (Panda-70M: ~8.5 s)")
+    parser.add_argument("--source-videos", type=float, default=3.8e6, help="Panda-70M: ~3.8M long videos")
+    parser.add_argument("--video-nodes", type=int, default=16)
+    parser.add_argument("--cores-per-node", type=int, default=32)
+    parser.add_argument("--gpu-nodes", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=700, help="few-shot prompt + caption, per clip")
+    parser.add_argument("--output-tokens", type=int, default=350, help="~5 pairs of JSON per clip")
+    parser.add_argument("--gpu-output-tokens-s", type=float, default=2500.0,
+                        help="ASSUMED batched decode rate of an 8B model on one GPU with vLLM (not measured here)")
+    parser.add_argument("--price-in-per-m", type=float, default=0.15)
+    parser.add_argument("--price-out-per-m", type=float, default=0.60)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="hicom-scale-"))
+    try:
+        rates = measure(workdir, args.videos, args.clip_s)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"measured on this machine ({os.cpu_count()} cores), per core unless stated:")
+    for name, value in rates.items():
+        print(f"  {name:<48} {value:10.2f}")
+    print("\nplan:")
+    for line in plan(rates, args):
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()
