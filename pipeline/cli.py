@@ -46,44 +46,35 @@ def _print_build(report, dry_run: bool) -> None:
     print(f"shards: {report.run_dir / 'shards'}")
 
 
-def cmd_build(args) -> int:
+def _build_with(args, overrides: dict, out: str | None) -> int:
+    """Shared by build and rebuild: config + --set + --address, then a (resumable) build."""
     from pipeline.build import build
     from schemas.config import load_run_config
 
-    overrides = _parse_sets(args.set)
-    if args.input:
-        overrides["input.path"] = args.input
+    overrides = {**_parse_sets(args.set), **overrides}
     if args.address:
         overrides["ray.address"] = args.address
     cfg = load_run_config(args.config, overrides)
-    run_dir = Path(args.out or Path("runs") / cfg.name)
+    run_dir = Path(out or Path("runs") / cfg.name)
     _setup_logging(None if args.dry_run else run_dir, args.verbose)
     report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     _print_build(report, args.dry_run)
     return 0
+
+
+def cmd_build(args) -> int:
+    return _build_with(args, {"input.path": args.input} if args.input else {}, args.out)
 
 
 def cmd_rebuild(args) -> int:
-    from pipeline.build import build
-    from schemas.config import load_run_config
-
-    overrides = _parse_sets(args.set)
-    overrides.update({"input.path": args.annotations, "input.kind": "llava", "input.data_root": args.video_root,
-                      "split.mode": "given"})
-    if args.address:
-        overrides["ray.address"] = args.address
-    cfg = load_run_config(args.config, overrides)
-    run_dir = Path(args.out)
-    _setup_logging(None if args.dry_run else run_dir, args.verbose)
-    report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
-    _print_build(report, args.dry_run)
-    return 0
+    return _build_with(args, {"input.path": args.annotations, "input.kind": "llava",
+                              "input.data_root": args.video_root, "split.mode": "given"}, args.out)
 
 
 def cmd_stats(args) -> int:
-    from pipeline.stats import connect, plot, report, run_sql
-
     import duckdb
+
+    from pipeline.stats import connect, plot, report, run_sql
 
     con = connect(args.run_dir)
     try:
