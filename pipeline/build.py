@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.captioning import captioning_session
 from pipeline.resume import committed_stats, scan_and_clean
 from pipeline.run_dir import RunDirectory
 from schemas.config import RunConfig
@@ -39,6 +40,7 @@ class BuildReport:
     seconds: float = 0.0
     pending: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
+    llm_usage: dict = field(default_factory=dict)
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -65,8 +67,9 @@ def stage_pipeline(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
     ]
 
 
-def run_stages_on_ray(cfg: RunConfig, videos: list[VideoRecord]):
-    """Yield a finished VideoResult per video, streamed from Ray Data."""
+def run_stages_on_ray(cfg: RunConfig, videos: list[VideoRecord], extra_stages=()):
+    """Yield a finished VideoResult per video, streamed from Ray Data. `extra_stages` (captioning) are
+    callable classes run as actor pools over batches of videos."""
     import ray
 
     init_ray(cfg)
@@ -78,6 +81,8 @@ def run_stages_on_ray(cfg: RunConfig, videos: list[VideoRecord]):
     for stage, resources in stage_pipeline(cfg):
         options = {k: v for k, v in resources.items() if v is not None}
         ds = ds.map(stage, **options)
+    for stage, options in extra_stages:
+        ds = ds.map_batches(stage, **options)
     for row in ds.iter_rows():
         yield from_row(row)
 
@@ -136,15 +141,19 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     if pending:
         failed_at: Counter[str] = Counter()
         bar = tqdm(total=len(pending), desc="videos", unit="video", disable=not progress)
-        for result in run_stages_on_ray(cfg, pending):
-            _write_or_stop(run_dir, writer.add, result)
-            report.processed_videos += 1
-            report.new_clips += len(result.samples)
-            report.new_failures += len(result.failures)
-            failed_at.update(f.stage for f in result.failures)
-            bar.update(1)
-            bar.set_postfix(clips=report.new_clips, shards=len(writer.committed),
-                            **{f"failed_{stage}": n for stage, n in sorted(failed_at.items())}, refresh=False)
+        # The session starts the embedded LLM server when configured and always stops it.
+        with captioning_session(cfg, run_dir, state.video_ids) as captioning:
+            for result in run_stages_on_ray(cfg, pending, captioning.stages):
+                result = captioning.finish(result)  # dataset-wide duplicates, in commit order
+                _write_or_stop(run_dir, writer.add, result)
+                report.processed_videos += 1
+                report.new_clips += len(result.samples)
+                report.new_failures += len(result.failures)
+                failed_at.update(f.stage for f in result.failures)
+                bar.update(1)
+                bar.set_postfix(clips=report.new_clips, shards=len(writer.committed),
+                                **{f"failed_{stage}": n for stage, n in sorted(failed_at.items())}, refresh=False)
+            report.llm_usage = captioning.usage()
         bar.close()
     _write_or_stop(run_dir, writer.flush)
     report.counts = total_counts(run_dir)

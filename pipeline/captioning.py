@@ -353,22 +353,12 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
                 if progress:
                     log.info("annotations %s: %s committed (%d pairs, %d failures)", version, name,
                              stats["num_pairs"], stats["num_failures"])
-            usage = {name: c.usage.to_dict() for name, c in chain.clients.items()}
         finally:
             chain.close()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_usage(out / "usage" / f"{stamp}-{uuid.uuid4().hex[:6]}.json",
-                {k: _usage_from_dict(v) for k, v in usage.items()})
+            usage = {name: c.usage for name, c in chain.clients.items()}
+            write_usage(out / "usage" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.json", usage)
     return {"version": version, "out": str(out), "seconds": round(time.time() - started, 2), **counts,
-            "usage": usage}
-
-
-def _usage_from_dict(d: dict):
-    from stages.llm_client import Usage
-
-    u = Usage(**{k: v for k, v in d.items() if k != "errors"})
-    u.errors.update(d.get("errors", {}))
-    return u
+            "usage": {name: u.to_dict() for name, u in usage.items()}}
 
 
 def _check_version_config(path: Path, cap: CaptioningConfig) -> None:

@@ -44,6 +44,8 @@ def _print_build(report, dry_run: bool) -> None:
           f"already committed) in {report.seconds:.1f}s; run totals: {c['clips']} clips, {c['pairs']} pairs, "
           f"{c['failures']} failures in {c['shards']} shards")
     print(f"shards: {report.run_dir / 'shards'}")
+    for stage, usage in sorted(report.llm_usage.items()):
+        print(f"llm {stage}: {usage}")
 
 
 def _build_with(args, overrides: dict, out: str | None) -> int:
@@ -136,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-root", help="where clip mp4s go (default: <out_json stem>_clips/ beside it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from pipeline.captioning import add_caption_cli
+
+    add_caption_cli(sub)
     return parser
 
 

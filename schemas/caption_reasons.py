@@ -22,6 +22,7 @@ REFUSAL = "refusal"
 ANSWER_COPIES_INSTRUCTION = "answer_copies_instruction"
 WRONG_LANGUAGE = "wrong_language"
 BAD_MULTIPLE_CHOICE = "bad_multiple_choice"
+MENTIONS_CAPTION = "mentions_caption"  # talks about "the description/caption" instead of the video
 # filter: duplicates
 DUPLICATE_INSTRUCTION = "duplicate_instruction"  # same normalized instruction in the clip
 NEAR_DUPLICATE_INSTRUCTION = "near_duplicate_instruction"  # embedding or token overlap above threshold
@@ -30,4 +31,5 @@ DUPLICATE_CLIP = "duplicate_clip"  # frame hashes close to an earlier clip (same
 # filter: model scores
 LOW_RELEVANCE = "low_relevance"  # answer does not address the instruction (sentence encoder)
 NOT_GROUNDED = "not_grounded"  # answer not supported by the dense caption (sentence encoder)
-MENTIONS_CAPTION = "mentions_caption"  # talks about "the description/caption" instead of the video
+NOT_GROUNDED_LEXICAL = "not_grounded_lexical"  # answer words absent from the caption
+INSTRUCTION_NOT_GROUNDED = "instruction_not_grounded"  # asks about things the caption never mentions

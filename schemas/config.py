@@ -7,6 +7,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.caption import CaptioningConfig
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +104,7 @@ class RunConfig(_Config):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    captioning: CaptioningConfig | None = None  # caption -> instruct -> filter; None: pairs from sources only
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -40,7 +40,7 @@ _MENTIONS_CAPTION = re.compile(
 _MC_OPTION = re.compile(r"(?:^|\s)\(?([A-D])[.):]\s")
 _MC_ANSWER = re.compile(r"^\s*\(?([A-D])\b[.):]?")
 _STOPWORDS = {
-    "en": "the and is are of to in with on what how does it this that there his her they at from by as be an for "
+    "en": "a the and is are of to in with on what how does it this that there his her they at from by as be an for "
           "who where when which while he she its their was were has have",
     "es": "el la los las de que y en un una es con por para del se su al lo como más pero sus le ya o este",
     "fr": "le la les de des et est un une du en dans que qui sur avec il elle au aux ce pas pour par son sa",
@@ -80,18 +80,34 @@ def guess_language(text: str) -> str | None:
     ws = words(text)
     if len(ws) < 4:
         return None
-    hits = {lang: sum(1 for w in ws if w in stops) for lang, stops in _STOPSETS.items()}
-    best = max(hits, key=hits.get)
-    return best if hits[best] >= 2 else None
+    hits = sorted(((sum(1 for w in ws if w in stops), lang) for lang, stops in _STOPSETS.items()), reverse=True)
+    (top, best), (second, _) = hits[0], hits[1]
+    return best if top >= 2 and top > 1.5 * second else None  # function words are shared: ask for a margin
 
 
-def lexical_grounding(answer: str, caption: str) -> float:
-    """Share of the answer's content words (not stopwords, > 2 letters) that occur in the caption."""
-    def stem(w: str) -> str:
-        return w[:-1] if w.endswith("s") and len(w) > 3 else w
-    cap = {stem(w) for w in words(caption)}
-    content = [stem(w) for w in words(answer) if len(w) > 2 and w not in _STOPSETS["en"]]
+_QUESTION_WORDS = set("what which who whom whose where when why how many much does did do can could would is are "
+                      "describe tell explain happens happen happening clip video scene seen see shown visible "
+                      "detail details look looks like kind type doing goes going end beginning start first "
+                      "next after before then during while appear appears main person people someone thing "
+                      "things object objects behavior behaviour appearance setting background action actions "
+                      "activity activities color colour size wearing wear".split())
+
+
+def _stem(w: str) -> str:
+    return w[:-1] if w.endswith("s") and len(w) > 3 else w
+
+
+def lexical_grounding(text: str, caption: str, ignore: set[str] = frozenset()) -> float:
+    """Share of the text's content words (not stopwords or `ignore`, > 2 letters) that occur in the caption."""
+    cap = {_stem(w) for w in words(caption)}
+    content = [_stem(w) for w in words(text) if len(w) > 2 and w not in _STOPSETS["en"] and w not in ignore]
     return sum(1 for w in content if w in cap) / len(content) if content else 1.0
+
+
+def question_part(instruction: str) -> str:
+    """The instruction without multiple-choice options (distractors are not in the caption by design)."""
+    match = _MC_OPTION.search(instruction)
+    return instruction[:match.start()] if match else instruction
 
 
 def rule_violation(pair: QAPair, cfg: FilterConfig) -> tuple[str, str] | None:
@@ -126,11 +142,13 @@ def rule_violation(pair: QAPair, cfg: FilterConfig) -> tuple[str, str] | None:
             lang = guess_language(text)
             if lang is not None and lang != cfg.target_language:
                 return reasons.WRONG_LANGUAGE, f"{field} looks {lang}, target {cfg.target_language}"
+    options = set(_MC_OPTION.findall(instruction))
     if pair.kind == "multiple_choice":
-        options = set(_MC_OPTION.findall(instruction))
         answer_letter = _MC_ANSWER.match(answer)
         if len(options) < 2 or not answer_letter or answer_letter.group(1) not in options:
             return reasons.BAD_MULTIPLE_CHOICE, f"options {sorted(options)}, answer {answer[:20]!r}"
+    elif len(options) >= 2:
+        return reasons.BAD_MULTIPLE_CHOICE, f"options {sorted(options)} in a {pair.kind} pair"
     return None
 
 
@@ -202,6 +220,8 @@ def filter_sample(sample: ShardSample, video_id: str, cfg: FilterConfig, vectors
             continue
         scores = {"repetition": max(repeated_ngram_frac(pair.instruction), repeated_ngram_frac(pair.answer)),
                   "lexical_grounding": lexical_grounding(pair.answer, caption) if caption else 1.0,
+                  "instruction_grounding": (lexical_grounding(question_part(pair.instruction), caption,
+                                                              _QUESTION_WORDS) if caption else 1.0),
                   "copy_overlap": jaccard(pair.instruction, pair.answer)}
         v_instr, v_answer = vectors.get(pair.instruction), vectors.get(pair.answer)
         if v_instr is not None and v_answer is not None:
@@ -213,8 +233,8 @@ def filter_sample(sample: ShardSample, video_id: str, cfg: FilterConfig, vectors
             verdict = _duplicate(pair, seen, vectors, cfg, scores)
         if verdict is None and cfg.min_relevance > 0 and scores.get("relevance", 1.0) < cfg.min_relevance:
             verdict = reasons.LOW_RELEVANCE, f"relevance {scores['relevance']:.3f} < {cfg.min_relevance}"
-        if verdict is None and caption and cfg.min_grounding > 0 and scores.get("grounding", 1.0) < cfg.min_grounding:
-            verdict = reasons.NOT_GROUNDED, f"grounding {scores['grounding']:.3f} < {cfg.min_grounding}"
+        if verdict is None and caption:
+            verdict = _ungrounded(scores, cfg)
         if verdict is not None:
             failures.append(_drop(pair, video_id, sample.clip.source, verdict[0], verdict[1], scores))
             continue
@@ -224,6 +244,16 @@ def filter_sample(sample: ShardSample, video_id: str, cfg: FilterConfig, vectors
     dropped = {f.item_id for f in failures}
     samples = [s for s in sample.samples if s.id not in dropped]
     return sample.model_copy(update={"pairs": kept, "samples": samples}), failures
+
+
+def _ungrounded(scores: dict, cfg: FilterConfig) -> tuple[str, str] | None:
+    for score, limit, reason in (("grounding", cfg.min_grounding, reasons.NOT_GROUNDED),
+                                 ("lexical_grounding", cfg.min_lexical_grounding, reasons.NOT_GROUNDED_LEXICAL),
+                                 ("instruction_grounding", cfg.min_instruction_grounding,
+                                  reasons.INSTRUCTION_NOT_GROUNDED)):
+        if limit > 0 and scores.get(score, 1.0) < limit:
+            return reason, f"{score} {scores[score]:.3f} < {limit}"
+    return None
 
 
 def _duplicate(pair: QAPair, seen: list[QAPair], vectors: dict, cfg: FilterConfig, scores: dict):

@@ -151,7 +151,7 @@ async def _one_request(sample: ShardSample, video_id: str, title: str, planned: 
                                                                       list[Failure]]:
     clip = sample.clip
     kinds = [k for _, k in planned]
-    schema = pairs_schema(cfg.kinds, len(planned))
+    schema = pairs_schema(kinds, len(planned))  # only the kinds asked for: a grammar keeps small models on them
     item_ids = [f"{clip.id}-{cfg.prompt_version}-q{i}" for i, _ in planned]
 
     def failures(ids: list[str], reason: str, detail: str) -> list[Failure]:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from schemas.caption import EndpointConfig
 
 log = logging.getLogger(__name__)
 NO_KEY = "no-key"  # sent to local servers that want no key (the openai package requires a value)
+_KEY_LIKE = re.compile(r"\b(?:sk|pk|key|api[_-]?key)[-_][A-Za-z0-9*_\-]{6,}|Bearer\s+\S+", re.IGNORECASE)
 
 
 class LLMError(Exception):
@@ -281,6 +283,12 @@ class LLMClient:
                 self.cache.put(key, {k: v for k, v in result.__dict__.items() if k not in ("cached", "key")})
             return result
 
+    def _redact(self, text: str) -> str:
+        """Server messages may quote the key (OpenAI's 401 shows a masked one): never let it into records."""
+        if self._api_key != NO_KEY:
+            text = text.replace(self._api_key, "[key]")
+        return _KEY_LIKE.sub("[key]", text)
+
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.endpoint.backoff_max_s, self.endpoint.backoff_base_s * (2 ** attempt))
         return self._rng.uniform(0, ceiling)  # full jitter: retries of many clients spread out
@@ -296,7 +304,12 @@ class LLMClient:
         import openai
 
         try:
-            response = await asyncio.wait_for(client.chat.completions.create(**body), self.endpoint.timeout_s)
+            # `post` with cast_to=str is the openai client's documented raw call: the same auth, timeouts and
+            # error types, without its typed request transform (most of its CPU per request); any body field
+            # an endpoint understands (llama.cpp's response_format.schema) goes through as is.
+            text = await asyncio.wait_for(client.post("/chat/completions", cast_to=str, body=body),
+                                          self.endpoint.timeout_s)
+            response = json.loads(text)
         except (asyncio.TimeoutError, openai.APITimeoutError):
             raise _Retryable("timeout", f"no answer within {self.endpoint.timeout_s:g}s") from None
         except openai.APIStatusError as exc:
@@ -306,19 +319,22 @@ class LLMClient:
                 raise _Retryable("rate_limited", "HTTP 429", retry_after) from None
             if status >= 500 or status in (408, 409):
                 raise _Retryable("server_error", f"HTTP {status}", retry_after) from None
-            raise LLMError("client_error", f"HTTP {status}: {_short(exc.message)}") from None
+            raise LLMError("client_error", f"HTTP {status}: {self._redact(_short(exc.message))}") from None
         except openai.APIConnectionError as exc:
             raise _Retryable("connection", type(exc).__name__) from None
         except (openai.APIError, ValueError) as exc:  # an unparseable body (JSONDecodeError is a ValueError)
             raise _Retryable("bad_response", f"{type(exc).__name__}: {_short(str(exc))}") from None
-        choices = getattr(response, "choices", None)
-        if not choices:
-            raise _Retryable("bad_response", "no choices in the response")
-        usage = getattr(response, "usage", None)
-        return ChatResult(text=choices[0].message.content or "", finish_reason=choices[0].finish_reason,
-                          prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                          model=getattr(response, "model", "") or self.endpoint.model)
+        try:
+            choice = response["choices"][0]
+            content = (choice.get("message") or {}).get("content") or ""
+        except (TypeError, KeyError, IndexError, AttributeError):
+            raise _Retryable("bad_response", f"no choices in the response: {_short(str(response))}") from None
+        usage = response.get("usage") or {}
+        return ChatResult(text=content if isinstance(content, str) else json.dumps(content),
+                          finish_reason=choice.get("finish_reason"),
+                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                          completion_tokens=int(usage.get("completion_tokens") or 0),
+                          model=str(response.get("model") or self.endpoint.model))
 
     async def aclose(self) -> None:
         if self._client is not None and hasattr(self._client, "close"):

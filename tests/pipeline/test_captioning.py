@@ -1,0 +1,236 @@
+"""Captioning in runs: Ray actor stages, `hicom caption RUN_DIR` annotation versions (atomic per part,
+resumable with zero repeated requests), the CLI, the embedded server's lifetime, and (marked `llm`) the
+real embedded model."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import captioning as cap_pipeline
+from pipeline.llm_server import EmbeddedServer, llama_cpp_available
+from schemas import caption_reasons as reasons
+from schemas.caption import CaptioningConfig, EmbeddedServerConfig
+from schemas.config import RunConfig, ShardConfig
+from stages.shard import ShardWriter
+from tests.stub_openai import StubOpenAI, make_result, pairs_responder
+
+CAPTIONS = ["A man in a blue coat walks a brown dog through a green park.",
+            "A red car drives along a coastal road at sunset.",
+            "A chef chops onions and carrots on a wooden board in a kitchen.",
+            "Two children build a sandcastle on a sunny beach while waves roll in."]
+
+
+@pytest.fixture()
+def stub():
+    with StubOpenAI(pairs_responder) as server:
+        yield server
+
+
+def captioning(stub, **kw) -> CaptioningConfig:
+    data = {"instruct": {"endpoint": {"base_url": stub.base_url, "model": "stub-llm", "timeout_s": 2.0,
+                                      "backoff_base_s": 0.01, "max_retries": 4}, "pairs_per_clip": 3},
+            "actors": {"filter_actor_cpus": 0.5, "batch_videos": 2}}
+    for key, value in kw.items():
+        data.setdefault(key, {}).update(value)
+    return CaptioningConfig.model_validate(data)
+
+
+def videos():
+    return [make_result("v0", CAPTIONS[:2], frame_seed=0), make_result("v1", [CAPTIONS[2], None], frame_seed=1),
+            make_result("v2", CAPTIONS[3:], frame_seed=2)]
+
+
+def llm_pairs(results):
+    return sorted(p.sample_id for r in results for s in r.samples for p in s.pairs if p.source == "llm")
+
+
+def test_no_captioning_section_adds_nothing(tmp_path):
+    cfg = RunConfig()
+    assert cap_pipeline.caption_stages(cfg, tmp_path) == []
+    with cap_pipeline.captioning_session(cfg, tmp_path) as session:
+        assert session.stages == [] and session.finish(videos()[0]).samples
+
+
+def test_stage_options_declare_actor_pools(stub, tmp_path):
+    stages = cap_pipeline.caption_stages(RunConfig(captioning=captioning(stub)), tmp_path)
+    assert [s.name for s, _ in stages] == ["caption", "instruct", "filter"]
+    for _, options in stages:
+        assert options["concurrency"] >= 1 and options["batch_format"] == "pyarrow"
+        assert set(options["fn_constructor_kwargs"]) == {"captioning", "cache", "usage_dir"}
+    assert stages[2][1]["num_cpus"] == 0.5
+
+
+def test_stages_run_on_ray_actor_pools(stub, tmp_path, ray_local):
+    from stages.ray_adapter import from_row, to_row
+
+    ray = ray_local
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    cfg = RunConfig(captioning=captioning(stub))
+    with cap_pipeline.captioning_session(cfg, tmp_path, set()) as session:
+        ds = ray.data.from_items([to_row(r) for r in videos()], override_num_blocks=3)
+        for stage, options in session.stages:
+            ds = ds.map_batches(stage, **options)
+        results = [session.finish(from_row(row)) for row in ds.iter_rows()]
+        usage = session.usage()
+    assert [r.video_id for r in results] == ["v0", "v1", "v2"]
+    assert stub.total == 4  # one request per captioned clip
+    kept, failed = llm_pairs(results), [f for r in results for f in r.failures if f.stage in ("instruct", "filter")]
+    assert len(kept) + len(failed) == 4 * 3 and len(kept) >= 8
+    assert all(p.scores.get("relevance") is not None for r in results for s in r.samples for p in s.pairs
+               if p.source == "llm")
+    assert [f.reason for f in results[1].failures if f.stage == "caption"] == [reasons.NO_CAPTION]
+    assert usage["instruct"]["succeeded"] == 4 and usage["instruct"]["prompt_tokens"] > 0
+
+
+def committed_run(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    writer = ShardWriter(run_dir, ShardConfig(max_samples=2))
+    for result in videos():
+        writer.add(result)
+    writer.flush()
+    return run_dir
+
+
+def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path):
+    run_dir = committed_run(tmp_path)
+    cap = captioning(stub, instruct={"prompt_version": "instruct-v9"})
+    report = cap_pipeline.run_caption(run_dir, cap, progress=False)
+    out = run_dir / "annotations" / "instruct-v9"
+    parts = sorted(p.name for p in out.glob("*.stats.json"))
+    assert parts == [f"shard-0000{i}.stats.json" for i in range(3)] and report["done"] == 3  # one per video
+    pairs = pq.read_table(sorted(out.glob("*.pairs.parquet"))).to_pylist()
+    llm = [p for p in pairs if p["source"] == "llm"]
+    failures = pq.read_table(sorted(out.glob("*.failures.parquet"))).to_pylist()
+    assert len(llm) + sum(f["stage"] in ("instruct", "filter") for f in failures) == 4 * 3
+    assert all(p["prompt_version"] == "instruct-v9" and dict(p["scores"])["relevance"] for p in llm)
+    assert sum(p["kind"] == "caption" for p in pairs) == 4  # source caption pairs kept
+    assert (out / "captioning.yaml").exists() and report["usage"]["instruct"]["succeeded"] == 4
+    sent = stub.total
+
+    again = cap_pipeline.run_caption(run_dir, cap, progress=False)  # everything committed: skipped
+    assert again["skipped"] == 3 and again.get("done", 0) == 0 and stub.total == sent
+
+    (out / "shard-00001.stats.json").unlink()  # as if killed before part 1 was committed
+    before = pq.read_table(out / "shard-00001.pairs.parquet").to_pylist()
+    redo = cap_pipeline.run_caption(run_dir, cap, progress=False)
+    assert redo["done"] == 1 and stub.total == sent  # zero repeated requests: the cache answered
+    assert redo["usage"]["instruct"]["requests"] == 0 and redo["usage"]["instruct"]["cache_hits"] >= 1
+    assert pq.read_table(out / "shard-00001.pairs.parquet").to_pylist() == before
+
+    changed = captioning(stub, instruct={"prompt_version": "instruct-v9", "pairs_per_clip": 2})
+    with pytest.raises(ValueError, match="different captioning config"):
+        cap_pipeline.run_caption(run_dir, changed, progress=False)
+
+
+def test_caption_cli(stub, tmp_path, capsys):
+    run_dir = committed_run(tmp_path)
+    config = tmp_path / "captions.yaml"
+    config.write_text(yaml.safe_dump({"captioning": captioning(stub).model_dump(mode="json")}))
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    cap_pipeline.add_caption_cli(sub)
+    args = parser.parse_args(["caption", str(run_dir), "--config", str(config), "--version", "cli-v1",
+                              "--set", "instruct.pairs_per_clip=2", "--no-progress"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["version"] == "cli-v1" and report["done"] == 3 and stub.total == 4
+    table = cap_pipeline.read_annotation_pairs(run_dir, "cli-v1").to_pylist()
+    assert {p["sample_id"].rsplit("-", 1)[-1] for p in table if p["source"] == "llm"} <= {"q0", "q1"}
+
+
+class FakeServer(EmbeddedServer):
+    """A stand-in for llama.cpp: an HTTP server that also starts a child process (to check the group kill)."""
+
+    def prepare(self) -> list[str]:
+        code = ("import http.server, subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+                "'import time; time.sleep(600)']); "
+                "h = type('H', (http.server.BaseHTTPRequestHandler,), {'do_GET': lambda s: (s.send_response(200), "
+                "s.end_headers()), 'log_message': lambda *a: None}); "
+                f"http.server.HTTPServer(('127.0.0.1', {self.port}), h).serve_forever()")
+        return [sys.executable, "-c", code]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_embedded_server_lifetime_leaves_no_orphan():
+    server = FakeServer(EmbeddedServerConfig(enabled=True, startup_timeout_s=30))
+    with server:
+        assert server.healthy()
+        pgid = os.getpgid(server.process.pid)
+        time.sleep(0.3)
+        members = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == pgid]
+        assert len(members) >= 2  # the server and its child
+    time.sleep(0.2)
+    assert not any(_alive(pid) for pid in members) and not server.healthy()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def test_embedded_server_that_dies_at_start_is_reported(tmp_path):
+    class Crashing(EmbeddedServer):
+        def prepare(self):
+            return [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        Crashing(EmbeddedServerConfig(enabled=True), tmp_path / "server.log").start()
+
+
+@pytest.mark.llm
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not installed (scripts/install_llm.sh)")
+def test_embedded_model_generates_pairs(tmp_path):
+    """The real 270M model behind the same client: every expected pair is kept or failed with a reason."""
+    from stages import filter as pair_filter
+    from stages import instruct
+    from stages.llm_client import LLMClient, ResponseCache, SyncRunner
+
+    cap = CaptioningConfig.model_validate({
+        "instruct": {"pairs_per_clip": 2, "kinds": ["attribute", "temporal"],
+                     "endpoint": {"max_tokens": 300, "timeout_s": 120, "max_concurrency": 2}},
+        "embedded_server": {"enabled": True, "n_ctx": 2048}})
+    results = [make_result("v0", CAPTIONS[:1]), make_result("v1", CAPTIONS[2:3], frame_seed=1)]
+    with cap_pipeline._maybe_server(cap, tmp_path) as base_url:
+        cfg = cap_pipeline.with_server(cap, base_url)
+        runner = SyncRunner()
+        client = LLMClient(cfg.instruct.endpoint, ResponseCache(tmp_path / "cache"))
+        results = [instruct.apply(r, cfg.instruct, client, runner) for r in results]
+        runner.run(client.aclose())
+        runner.close()
+    results = pair_filter.filter_results(results, cfg.filter, pair_filter.TextEncoder())
+    kept = llm_pairs(results)
+    failed = [f for r in results for f in r.failures if f.stage in ("instruct", "filter")]
+    assert len(kept) + len(failed) == 2 * 2
+    assert client.usage.succeeded == 2 and client.usage.completion_tokens > 0
+
+
+def test_demo_captions_config_validates():
+    from schemas.config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    cap = cfg.captioning
+    assert cap.embedded_server.enabled and cap.instruct.pairs_per_request == 1
+    assert "$caption" in cap.instruct.prompt and cap.instruct.prompt_version == "demo-gemma270m-v1"
+    served = cap_pipeline.with_server(cap, "http://127.0.0.1:1/v1").instruct.endpoint
+    assert served.json_mode == "json_object_schema" and served.api_key_env is None
