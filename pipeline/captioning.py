@@ -35,7 +35,7 @@ from schemas import reasons as video_reasons
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
-from stages import caption, filter as pair_filter, instruct
+from stages import caption, dedup, filter as pair_filter, instruct
 from stages.llm_client import LLMClient, ResponseCache, SyncRunner, read_usage, write_usage
 from stages.ray_adapter import from_row, to_row
 
@@ -113,7 +113,7 @@ class CaptionStage(_BatchStage):
             self.clients["caption"] = LLMClient(self.cfg.caption.endpoint, self.cache)
 
     async def process(self, result: VideoResult) -> VideoResult:
-        result = pair_filter.dedup_clips(result, self.cfg.filter)
+        result = dedup.dedup_clips(result, self.cfg.filter)
         return await caption.acaption(result, self.cfg.caption, self.clients.get("caption"))
 
 
@@ -174,7 +174,7 @@ def caption_stages(cfg: RunConfig, run_dir: str | Path, base_url: str | None = N
 
 
 def dataset_dedup(cap: CaptioningConfig, state_path: Path, committed_video_ids: set[str]):
-    return pair_filter.DatasetDedup(state_path, cap.filter).load(committed_video_ids)
+    return dedup.DatasetDedup(state_path, cap.filter).load(committed_video_ids)
 
 
 @dataclass
@@ -182,7 +182,7 @@ class CaptioningSession:
     """What `hicom build` needs for captioning: Ray stages, the driver-side dedup, usage totals."""
 
     stages: list[tuple[type, dict]] = field(default_factory=list)
-    dedup: pair_filter.DatasetDedup | None = None
+    dedup: dedup.DatasetDedup | None = None
     usage_dir: Path | None = None
 
     def finish(self, result: VideoResult) -> VideoResult:
@@ -269,7 +269,7 @@ class _LocalChain:
         self.encoder = pair_filter.TextEncoder(cap.filter.encoder, cap.filter.encoder_batch_size)
 
     async def _one(self, result: VideoResult) -> VideoResult:
-        result = pair_filter.dedup_clips(result, self.cap.filter)
+        result = dedup.dedup_clips(result, self.cap.filter)
         result = await caption.acaption(result, self.cap.caption, self.clients.get("caption"))
         return await instruct.ainstruct(result, self.cap.instruct, self.clients["instruct"],
                                         self.cap.keep_source_caption_pair)

@@ -16,7 +16,7 @@ from string import Template
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from schemas import caption_reasons as reasons
-from schemas.caption import KIND_GUIDE, InstructConfig
+from schemas.caption import InstructConfig
 from schemas.records import AnnotationSample, Failure, QAPair, ShardSample, Turn, VideoResult
 from stages.caption import VIDEO_TOKEN, has_annotations, video_title
 from stages.llm_client import LLMClient, LLMError, SyncRunner

@@ -7,7 +7,7 @@ import pytest
 from schemas import caption_reasons as reasons
 from schemas.caption import FilterConfig
 from schemas.records import AnnotationSample, QAPair, Turn
-from stages import filter as pair_filter
+from stages import dedup, filter as pair_filter
 from tests.stub_openai import jpeg, make_result
 
 CFG = FilterConfig()
@@ -117,7 +117,7 @@ def test_without_encoder_rules_still_apply():
 def test_clip_near_duplicates_within_a_video():
     result = make_result("vid", [CAPTION, "Another clip.", "A third clip."])
     result.samples[2] = result.samples[2].model_copy(update={"frames": list(result.samples[0].frames)})
-    out = pair_filter.dedup_clips(result, CFG)
+    out = dedup.dedup_clips(result, CFG)
     assert [s.clip.id for s in out.samples] == [result.samples[0].clip.id, result.samples[1].clip.id]
     dup = [f for f in out.failures if f.reason == reasons.DUPLICATE_CLIP]
     assert dup[0].item_id == "vid_4000_6000" and "vid_0_2000" in dup[0].detail
@@ -125,29 +125,29 @@ def test_clip_near_duplicates_within_a_video():
 
 
 def test_frame_hash_distances():
-    a, b = pair_filter.clip_signature([jpeg(1), jpeg(2)], 2), pair_filter.clip_signature([jpeg(3), jpeg(4)], 2)
-    assert pair_filter.signature_distance(a, a) == 0
-    assert pair_filter.signature_distance(a, b) > CFG.clip_hash_max_distance
+    a, b = dedup.clip_signature([jpeg(1), jpeg(2)], 2), dedup.clip_signature([jpeg(3), jpeg(4)], 2)
+    assert dedup.signature_distance(a, a) == 0
+    assert dedup.signature_distance(a, b) > CFG.clip_hash_max_distance
 
 
 def test_dataset_dedup_caps_instructions_and_drops_repeated_clips(tmp_path):
     cfg = FilterConfig(dataset_max_instruction_repeats=2)
     state = tmp_path / "dedup.jsonl"
-    dedup = pair_filter.DatasetDedup(state, cfg).load(set())
+    dataset = dedup.DatasetDedup(state, cfg).load(set())
     results = []
     for v in range(3):
         r = with_pairs([pair("What does the man throw into the waves?", "He throws a stick into the waves.")])
         r = r.model_copy(update={"video_id": f"v{v}"})
         r.samples[0] = r.samples[0].model_copy(update={"frames": [jpeg(100 + v * 10 + k) for k in range(4)]})
-        results.append(dedup.apply(r))
+        results.append(dataset.apply(r))
     assert [f.reason for f in results[2].failures] == [reasons.OVERUSED_INSTRUCTION]
     assert not results[0].failures and not results[1].failures
     copy = make_result("v3", ["The same footage again."])
     copy.samples[0] = copy.samples[0].model_copy(update={"frames": list(results[0].samples[0].frames)})
-    copied = dedup.apply(copy)
+    copied = dataset.apply(copy)
     assert not copied.samples and copied.failures[0].reason == reasons.DUPLICATE_CLIP
     # resume: only committed videos count; v1 was never committed, so its instruction count is not restored
-    resumed = pair_filter.DatasetDedup(state, cfg).load({"v0", "v2"})
+    resumed = dedup.DatasetDedup(state, cfg).load({"v0", "v2"})
     assert resumed.instruction_counts[pair_filter.normalize("What does the man throw into the waves?")] == 1
     again = with_pairs([pair("What does the man throw into the waves?", "He throws a stick.")])
     again = again.model_copy(update={"video_id": "v4"})

@@ -1,0 +1,156 @@
+"""Duplicates of clips and instructions: near-duplicate clips by frame hashes within a video (before any
+LLM call) and across the dataset, and instructions repeated too often across the dataset (driver side).
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from schemas import caption_reasons as reasons
+from schemas.caption import FilterConfig
+from schemas.records import Failure, ShardSample, VideoResult
+from stages.filter import STAGE, drop_pair, normalize
+
+
+def dhash(jpeg: bytes) -> int:
+    """64-bit difference hash of an image (9x8 grey, horizontal gradients)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as img:
+        img.draft("L", (64, 64))  # JPEG DCT scaling: decode small, fast
+        pixels = np.asarray(img.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def clip_signature(frames: list[bytes], k: int) -> list[int]:
+    if not frames:
+        return []
+    picks = [round(i * (len(frames) - 1) / (k - 1)) for i in range(k)] if k > 1 else [len(frames) // 2]
+    return [dhash(frames[i]) for i in picks]
+
+
+def signature_distance(a: list[int], b: list[int]) -> float:
+    """Mean Hamming distance (bits) of aligned frame hashes."""
+    n = min(len(a), len(b))
+    return sum(bin(x ^ y).count("1") for x, y in zip(a[:n], b[:n])) / n if n else 64.0
+
+
+def drop_clip(result: VideoResult, sample: ShardSample, detail: str) -> None:
+    """Remove a clip; a Failure for the clip and one for each pair sample it carried."""
+    result.samples = [s for s in result.samples if s is not sample]
+    for item in [sample.clip.id, *(p.sample_id for p in sample.pairs)]:
+        result.failures.append(Failure(item_id=item, video_id=result.video_id, stage=STAGE,
+                                       reason=reasons.DUPLICATE_CLIP, detail=detail, source=sample.clip.source))
+
+
+def _annotated(sample: ShardSample) -> bool:
+    return any(p.source == "annotation" for p in sample.pairs)
+
+
+def dedup_clips(result: VideoResult, cfg: FilterConfig) -> VideoResult:
+    """Drop clips of a video whose frames nearly repeat an earlier clip's (before any LLM is paid).
+    Clips with released annotations are never dropped."""
+    if result.failed or not cfg.drop_duplicate_clips or len(result.samples) < 2:
+        return result
+    kept: list[tuple[str, list[int]]] = []
+    for sample in list(result.samples):
+        sig = clip_signature(sample.frames, cfg.clip_hash_frames)
+        match = next(((cid, d) for cid, other in kept
+                      if (d := signature_distance(sig, other)) <= cfg.clip_hash_max_distance), None)
+        if match and not _annotated(sample):
+            drop_clip(result, sample, f"near-duplicate of {match[0]} (mean Hamming {match[1]:.1f} bits)")
+        else:
+            kept.append((sample.clip.id, sig))
+    return result
+
+
+class DatasetDedup:
+    """Dataset-wide duplicates, applied in the driver in commit order (deterministic):
+    clips whose frame hashes match an earlier committed clip, and instructions seen more than
+    `dataset_max_instruction_repeats` times. State is appended to a JSONL file (one line per video);
+    on resume only lines of committed videos are loaded, so the state matches what was committed."""
+
+    def __init__(self, state_path: str | Path, cfg: FilterConfig):
+        self.path = Path(state_path)
+        self.cfg = cfg
+        self.instruction_counts: Counter = Counter()
+        self.bands: dict[tuple[int, int], list[tuple[str, list[int]]]] = {}
+
+    def load(self, committed_video_ids: set[str]) -> "DatasetDedup":
+        entries: dict[str, dict] = {}
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut by a kill
+                    if entry.get("video_id") in committed_video_ids:
+                        entries[entry["video_id"]] = entry  # the last line of a video wins
+        for entry in entries.values():
+            for clip_id, sig in entry.get("clips", []):
+                self._index(clip_id, sig)
+            self.instruction_counts.update(entry.get("instructions", []))
+        return self
+
+    def _index(self, clip_id: str, sig: list[int]) -> None:
+        if sig:
+            middle = sig[len(sig) // 2]
+            for band in range(4):
+                self.bands.setdefault((band, (middle >> (16 * band)) & 0xFFFF), []).append((clip_id, sig))
+
+    def _match(self, sig: list[int]) -> tuple[str, float] | None:
+        if not sig:
+            return None
+        middle = sig[len(sig) // 2]
+        for band in range(4):
+            for clip_id, other in self.bands.get((band, (middle >> (16 * band)) & 0xFFFF), []):
+                d = signature_distance(sig, other)
+                if d <= self.cfg.clip_hash_max_distance:
+                    return clip_id, d
+        return None
+
+    def apply(self, result: VideoResult) -> VideoResult:
+        clips, instructions = [], []
+        for sample in list(result.samples):
+            sig = clip_signature(sample.frames, self.cfg.clip_hash_frames) if self.cfg.drop_duplicate_clips else []
+            match = self._match(sig)
+            if match and not _annotated(sample):
+                drop_clip(result, sample, f"near-duplicate of {match[0]} in the dataset "
+                                          f"(mean Hamming {match[1]:.1f} bits)")
+                continue
+            clips.append([sample.clip.id, sig])
+            self._index(sample.clip.id, sig)
+            instructions += self._cap_instructions(result, sample)
+        self._append({"video_id": result.video_id, "clips": clips, "instructions": instructions})
+        return result
+
+    def _cap_instructions(self, result: VideoResult, sample: ShardSample) -> list[str]:
+        limit = self.cfg.dataset_max_instruction_repeats
+        counted, dropped = [], set()
+        for pair in sample.pairs:
+            if pair.source not in self.cfg.sources:
+                continue
+            key = normalize(pair.instruction)
+            if limit is not None and self.instruction_counts[key] >= limit:
+                dropped.add(pair.sample_id)
+                result.failures.append(drop_pair(pair, result.video_id, sample.clip.source, reasons.OVERUSED_INSTRUCTION,
+                                             f"seen {self.instruction_counts[key]} times in the dataset", pair.scores))
+                continue
+            self.instruction_counts[key] += 1
+            counted.append(key)
+        if dropped:
+            updated = sample.model_copy(update={"pairs": [p for p in sample.pairs if p.sample_id not in dropped],
+                                                "samples": [s for s in sample.samples if s.id not in dropped]})
+            result.samples = [updated if s is sample else s for s in result.samples]
+        return counted
+
+    def _append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
