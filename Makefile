@@ -30,9 +30,10 @@ llm: setup
 	bash scripts/install_llm.sh $(VENV)
 
 demo: samples llm
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-train
 	$(VENV)/bin/hicom build configs/demo.yaml --input $(SAMPLES)/manifest.csv --out runs/demo
 	$(VENV)/bin/hicom stats runs/demo --plot runs/demo/plots
+	$(VENV)/bin/hicom train configs/train-tiny.yaml --shards runs/demo --out runs/demo-train --plot
 	@echo "shards: $$(pwd)/runs/demo/shards"
 
 test: samples llm

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline.captioning import captioning_session
 from pipeline.resume import committed_stats, scan_and_clean
 from pipeline.run_dir import RunDirectory
+from schemas import caption_reasons
 from schemas.config import RunConfig
 from schemas.records import VideoRecord, VideoResult
 from stages import clip_decode, pairs, probe, split
@@ -41,6 +42,7 @@ class BuildReport:
     pending: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     llm_usage: dict = field(default_factory=dict)
+    deferred: list[str] = field(default_factory=list)  # videos to retry: an LLM endpoint was unavailable
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -144,6 +146,10 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
         # The session starts the embedded LLM server when configured and always stops it.
         with captioning_session(cfg, run_dir, state.video_ids) as captioning:
             for result in run_stages_on_ray(cfg, pending, captioning.stages):
+                if any(f.reason in caption_reasons.RETRY_LATER for f in result.failures):
+                    report.deferred.append(result.video_id)  # the endpoint was away: not committed, rerun
+                    bar.update(1)
+                    continue
                 result = captioning.finish(result)  # dataset-wide duplicates, in commit order
                 _write_or_stop(run_dir, writer.add, result)
                 report.processed_videos += 1
@@ -157,6 +163,6 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
         bar.close()
     _write_or_stop(run_dir, writer.flush)
     report.counts = total_counts(run_dir)
-    run.finish(report.counts)
+    run.finish(report.counts, status="incomplete" if report.deferred else "finished")
     report.seconds = time.time() - started
     return report

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 log = logging.getLogger("hicom")
+EXIT_INCOMPLETE = 3  # the run stopped cleanly but left work for a rerun
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -61,6 +62,10 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     _setup_logging(None if args.dry_run else run_dir, args.verbose)
     report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     _print_build(report, args.dry_run)
+    if report.deferred:
+        log.warning("%d videos were not committed because an LLM endpoint was unavailable; rerun the same "
+                    "command to finish them (answers already received are cached)", len(report.deferred))
+        return EXIT_INCOMPLETE
     return 0
 
 
@@ -140,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     from pipeline.captioning import add_caption_cli
+    from pipeline.train_cli import add_train_cli
 
     add_caption_cli(sub)
+    add_train_cli(sub)
     return parser
 
 

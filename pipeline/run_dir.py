@@ -80,8 +80,9 @@ class RunDirectory:
                          "versions": _versions(), "runs": manifest.get("runs", 0) + 1})
         _write_json_atomic(self.manifest_path, manifest)
 
-    def finish(self, counts: dict) -> dict:
+    def finish(self, counts: dict, status: str = "finished") -> dict:
+        """Mark the run done: `finished`, or `incomplete` when some videos must be retried by a rerun."""
         manifest = self.read_manifest()
-        manifest.update({"status": "finished", "finished_at": time.time(), "counts": counts})
+        manifest.update({"status": status, "finished_at": time.time(), "counts": counts})
         _write_json_atomic(self.manifest_path, manifest)
         return manifest

@@ -3,10 +3,12 @@ can be lost, so SQL can group by them. Kept apart from `schemas/reasons.py` (the
 
 # caption
 NO_CAPTION = "no_caption"  # no source caption and no VLM configured
-CAPTION_REQUEST_FAILED = "caption_request_failed"  # the VLM call failed after its retries
+CAPTION_REQUEST_FAILED = "caption_request_failed"  # the VLM refused the request (4xx other than 408/429)
+CAPTION_UNAVAILABLE = "caption_unavailable"  # the VLM endpoint stayed unreachable/overloaded past the retries
 CAPTION_EMPTY = "caption_empty"  # the VLM answered nothing usable
 # instruct (one failure per expected pair id `<clip_id>-<prompt_version>-q<i>`)
-LLM_REQUEST_FAILED = "llm_request_failed"  # timeouts, 429 or 5xx past the retry budget, 4xx, connection
+LLM_REQUEST_FAILED = "llm_request_failed"  # the endpoint refused the request (4xx other than 408/429)
+LLM_UNAVAILABLE = "llm_unavailable"  # timeouts, connection errors, 429 or 5xx past the retry budget
 LLM_MALFORMED_JSON = "llm_malformed_json"  # not JSON even after repair
 LLM_SCHEMA_INVALID = "llm_schema_invalid"  # JSON that does not validate into the pairs schema
 LLM_MISSING_PAIR = "llm_missing_pair"  # fewer valid pairs than asked for
@@ -33,3 +35,7 @@ LOW_RELEVANCE = "low_relevance"  # answer does not address the instruction (sent
 NOT_GROUNDED = "not_grounded"  # answer not supported by the dense caption (sentence encoder)
 NOT_GROUNDED_LEXICAL = "not_grounded_lexical"  # answer words absent from the caption
 INSTRUCTION_NOT_GROUNDED = "instruction_not_grounded"  # asks about things the caption never mentions
+
+# A video with one of these is not committed: the endpoint was away, so a rerun (same command) retries it,
+# and responses that did arrive come from the cache.
+RETRY_LATER = frozenset({CAPTION_UNAVAILABLE, LLM_UNAVAILABLE})

@@ -103,7 +103,8 @@ async def caption_clip(sample: ShardSample, video_id: str, title: str, cfg: Capt
         reply = await client.chat(caption_messages(sample, cfg, title), prompt_version=cfg.prompt_version)
     except LLMError as exc:
         return sample, Failure(item_id=item_id, video_id=video_id, stage=STAGE,
-                               reason=reasons.CAPTION_REQUEST_FAILED, detail=str(exc), source=sample.clip.source)
+                               reason=reasons.CAPTION_UNAVAILABLE if exc.transient else reasons.CAPTION_REQUEST_FAILED,
+                               detail=str(exc), source=sample.clip.source)
     text = " ".join(reply.text.split())
     if len(text) < cfg.min_chars:
         return sample, Failure(item_id=item_id, video_id=video_id, stage=STAGE, reason=reasons.CAPTION_EMPTY,

@@ -163,7 +163,8 @@ async def _one_request(sample: ShardSample, video_id: str, title: str, planned: 
                                   prompt_version=cfg.prompt_version,
                                   response_format=response_format(client.endpoint.json_mode, schema))
     except LLMError as exc:
-        return [], failures(item_ids, reasons.LLM_REQUEST_FAILED, str(exc))
+        reason = reasons.LLM_UNAVAILABLE if exc.transient else reasons.LLM_REQUEST_FAILED
+        return [], failures(item_ids, reason, str(exc))
     items, problem = parse_reply(reply.text)
     made, lost = [], []
     for slot, (index, kind) in enumerate(planned):

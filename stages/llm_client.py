@@ -46,6 +46,11 @@ class LLMError(Exception):
         self.detail = detail
         self.attempts = attempts
 
+    @property
+    def transient(self) -> bool:
+        """The endpoint was away or overloaded (worth retrying later), not a refusal of this request."""
+        return self.kind != "client_error"
+
 
 class _Retryable(Exception):
     def __init__(self, kind: str, detail: str, retry_after_s: float | None = None):

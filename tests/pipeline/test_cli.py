@@ -19,7 +19,7 @@ def hicom(*args, check=True):
 
 def test_help_documents_every_command():
     out = hicom("--help").stdout
-    for command in ("build", "rebuild", "stats", "export-llava"):
+    for command in ("build", "rebuild", "stats", "export-llava", "caption", "train"):
         assert command in out
     assert "--dry-run" in hicom("build", "--help").stdout
     assert "--annotations" in hicom("rebuild", "--help").stdout

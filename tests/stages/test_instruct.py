@@ -143,8 +143,17 @@ def test_failed_requests_are_failures_not_exceptions(stub, runner):
     cfg = config(stub, pairs_per_clip=2, max_retries=1)
     out, client = run_instruct(stub, runner, cfg, [make_result("v", CAPTIONS[:2])])
     assert llm_ids(out) == [] and failure_ids(out) == expected_ids(out, cfg)
-    assert {f.reason for f in out[0].failures} == {reasons.LLM_REQUEST_FAILED}
+    assert {f.reason for f in out[0].failures} == {reasons.LLM_UNAVAILABLE}  # retryable: a rerun tries again
     assert stub.total == 4 and client.usage.failed == 2  # bounded: 2 clips x (1 + 1 retry)
+
+
+def test_refused_requests_are_not_retried_later(stub, runner):
+    stub.mode = "400"
+    cfg = config(stub, pairs_per_clip=1, max_retries=3)
+    out, _ = run_instruct(stub, runner, cfg, [make_result("v", CAPTIONS[:1])])
+    assert {f.reason for f in out[0].failures} == {reasons.LLM_REQUEST_FAILED}
+    assert reasons.LLM_REQUEST_FAILED not in reasons.RETRY_LATER
+    assert stub.total == 1  # a 4xx is final: no retry
 
 
 def test_mixed_failures_then_resume_repeats_no_request(stub, runner, tmp_path):
@@ -206,5 +215,5 @@ def test_vlm_failure_is_a_reasoned_failure(stub, runner):
     client = LLMClient(ep)
     result = caption.apply(make_result("v", [None]), CaptionConfig(mode="vlm", endpoint=ep), client, runner)
     runner.run(client.aclose())
-    assert [f.reason for f in result.failures] == [reasons.CAPTION_REQUEST_FAILED]
+    assert [f.reason for f in result.failures] == [reasons.CAPTION_UNAVAILABLE]
     assert result.samples[0].clip.caption is None

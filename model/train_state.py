@@ -1,0 +1,154 @@
+"""Training state that survives a crash: LR schedule, checkpoints, and step-keyed logs.
+
+A checkpoint is a directory `step-00000500/` holding
+    compressor.safetensors   trainable compressor weights, release key names (no prefix)
+    mm_projector.bin         the same weights as the release writes them (`model.mm_projector.` keys)
+    config.json              the HicomConfig, so the model can be rebuilt exactly
+    optimizer.pt             AdamW + LR scheduler state dicts
+    trainer_state.json       step, epoch, per-rank data position, schedule length, data-affecting config
+It is written as `step-00000500.tmp/` and renamed when complete, so a directory named `step-*` is whole;
+`latest_checkpoint` returns the highest one. Logs (metrics, sample keys) are JSON lines carrying the step;
+on resume, lines after the checkpoint's step are dropped so the logs match the state.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import save_compressor_checkpoint
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+_STEP_RE = re.compile(r"step-(\d+)$")
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Warmup length as the HF Trainer computes it from a ratio."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup: int) -> float:
+    """LR multiplier at `step`: linear warmup, then cosine to 0 (HF `get_cosine_schedule_with_warmup`)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    warmup = warmup_steps(total_steps, warmup_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup))
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: str | Path, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step-<state["step"]>` atomically and prune all but the newest `keep`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_compressor_checkpoint(model, str(tmp), extra={"step": state["step"], "epoch": state["epoch"]})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore compressor weights, optimizer and scheduler from a checkpoint dir; returns its trainer state."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "compressor.safetensors"))
+    model.load_mm_projector(weights, strict=True)
+    opt = torch.load(path / OPTIMIZER_FILE, map_location=model.device, weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+# --- step-keyed logs --------------------------------------------------------------------------------------
+class StepLog:
+    """Append-only JSON lines with a `step` field (+ an optional CSV mirror), truncatable on resume."""
+
+    def __init__(self, path: str | Path, csv_path: str | Path | None = None):
+        self.path = Path(path)
+        self.csv_path = Path(csv_path) if csv_path else None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+        return out
+
+    def truncate(self, step: int) -> None:
+        """Keep only records with step <= `step` (what the resumed checkpoint covers); rewrite the CSV."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        if self.csv_path is not None:
+            self._write_csv(kept)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.csv_path is not None:
+            new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+            with open(self.csv_path, "a", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(record), extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(record)
+
+    def _write_csv(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if records:
+                writer = csv.DictWriter(f, fieldnames=list(records[0]), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(records)
+        os.replace(tmp, self.csv_path)

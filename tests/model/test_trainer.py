@@ -1,0 +1,205 @@
+"""The trainer on pipeline-built shards: loss falls, only the compressor moves, exports, DDP on 2 Ray Train
+workers, SIGKILL + resume, follow mode, configs."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from safetensors.torch import load_file
+
+from model import build_model
+from model.data import clip_examples, resolve_source
+from model.train_loop import Trainer, model_config
+from model.train_state import cosine_with_warmup, latest_checkpoint, warmup_steps
+from schemas.train import TrainConfig, load_train_config
+from train_shards import copy_run, train_run  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def epoch_keys(run) -> set[str]:
+    clips = wds.tariterators.tarfile_samples({"url": t} for t in resolve_source(run).shards)
+    return {ex["__key__"] for clip in clips for ex in clip_examples(clip, None)}
+
+
+def key_log(out: Path, rank: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (out / "keys" / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(run, out, **kw) -> TrainConfig:
+    base = dict(shards=str(run), output_dir=str(out), num_frames=4, micro_batch_size=4, global_batch_size=4,
+                lr=2e-3, loader_workers=0, shuffle_buffer=4, save_every_steps=100, use_gpu=False,
+                log_sample_keys=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tiny_trains_loss_falls_only_compressor_changes_and_exports(train_run, tmp_path):
+    cfg = config(train_run, tmp_path / "out", epochs=8, save_every_steps=10)
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["step"] == summary["total_steps"] == 24 and summary["examples"] == 96
+
+    after = trainer.model.state_dict()
+    trainable = {"mm_projector." + n for n, p in trainer.model.mm_projector.named_parameters() if p.requires_grad}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == trainable  # every trainable compressor tensor moved, nothing else did
+    assert all(k.startswith("mm_projector.") for k in changed)
+
+    losses = [r["loss"] for r in metrics(Path(cfg.output_dir))]
+    assert len(losses) == 24 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    warm = warmup_steps(24, cfg.warmup_ratio)
+    assert [r["lr"] for r in metrics(Path(cfg.output_dir))] == pytest.approx(
+        [cfg.lr * cosine_with_warmup(s, 24, warm) for s in range(24)])
+    assert (Path(cfg.output_dir) / "metrics.csv").read_text().count("\n") == 25
+
+    fresh = build_model(model_config(cfg))
+    result = fresh.load_mm_projector(str(Path(cfg.output_dir) / "mm_projector.bin"), strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    exported = torch.load(Path(cfg.output_dir) / "mm_projector.bin", weights_only=True)
+    assert all(k.startswith("model.mm_projector.") for k in exported)
+    for name, value in fresh.mm_projector.state_dict().items():
+        assert torch.equal(value, after["mm_projector." + name])
+    ckpt = latest_checkpoint(cfg.checkpoint_path)
+    assert ckpt.name == "step-00000024" and [p.name for p in ckpt.parent.iterdir()] != []
+    saved = load_file(str(ckpt / "compressor.safetensors"))
+    assert all(torch.equal(saved[k], after["mm_projector." + k]) for k in saved)
+
+    again = Trainer(cfg)  # resuming a finished run does nothing more
+    assert again.resumed_from == 24 and again.fit()["step"] == 24
+    with pytest.raises(ValueError, match="other data settings"):
+        Trainer(cfg.model_copy(update={"shuffle_buffer": 8}))
+
+
+def test_follow_mode_trains_on_shards_that_appear_after_it_started(train_run, tmp_path):
+    run = copy_run(train_run, tmp_path / "live", parts=1, status="running")
+    out = tmp_path / "out"
+    # a shuffle buffer waits to be full before it yields: 2 lets part 0 (3 clips) train on its own
+    cfg = config(run, out, micro_batch_size=2, global_batch_size=2, shuffle_buffer=2, follow=True, max_steps=50,
+                 follow_poll_s=0.1, follow_idle_timeout_s=60)
+    trainer = Trainer(cfg)
+    started = time.time()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(trainer.fit()), daemon=True)
+    worker.start()
+    deadline = time.time() + 60
+    while not ((out / "keys" / "rank-0.jsonl").exists() and key_log(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert worker.is_alive() and [r["shards"] for r in key_log(out)] == [["shard-00000.tar"]]
+    for i in (1, 2, 3):  # the build commits more parts while the trainer runs (tar renamed last), then finishes
+        name = f"shard-{i:05d}"
+        shutil.copy(train_run / "shards" / f"{name}.stats.json", run / "shards" / f"{name}.stats.json")
+        shutil.copy(train_run / "shards" / f"{name}.tar", run / "shards" / f"{name}.tar.tmp")
+        os.replace(run / "shards" / f"{name}.tar.tmp", run / "shards" / f"{name}.tar")
+    (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    worker.join(60)
+    assert not worker.is_alive() and result["step"] == 6
+    assert (run / "shards" / "shard-00003.tar").stat().st_mtime > started
+    logged = key_log(out)
+    assert {s for r in logged for s in r["shards"]} == {f"shard-{i:05d}.tar" for i in range(4)}
+    assert {k for r in logged for k in r["keys"]} == epoch_keys(train_run)
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_read_disjoint_shards_and_end_identical(train_run, tmp_path, ray_local):
+    from model.trainer import run_training
+
+    cfg = config(train_run, tmp_path / "ddp", num_workers=2, micro_batch_size=1, global_batch_size=2,
+                 save_every_steps=3)
+    summary = run_training(cfg, progress=False)
+    ranks = [json.loads((tmp_path / "ddp" / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and summary["step"] == 6
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"] != ranks[0]["initial_param_sha256"]
+    assert not set(ranks[0]["shards"]) & set(ranks[1]["shards"])
+    assert len(ranks[0]["shards"]) == len(ranks[1]["shards"]) == 2
+    keys = [{k for rec in key_log(tmp_path / "ddp", r) for k in rec["keys"]} for r in range(2)]
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == epoch_keys(train_run)
+    ckpt = latest_checkpoint(cfg.checkpoint_path)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["positions"].keys() == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_killed_trainer_resumes_step_lr_schedule_and_data_position(train_run, tmp_path):
+    out = tmp_path / "out"
+    cfg_path = tmp_path / "train.yaml"
+    cfg_path.write_text(json.dumps(dict(
+        preset="tiny", shards=str(train_run), output_dir=str(out), num_frames=4, micro_batch_size=1,
+        global_batch_size=1, lr=1e-3, epochs=2, loader_workers=1, shuffle_buffer=4, save_every_steps=3,
+        log_sample_keys=True, use_gpu=False, num_cpus=2)))
+    cmd = [sys.executable, "-m", "pipeline.train_cli", str(cfg_path), "--no-progress"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while latest_checkpoint(out / "checkpoints") is None and time.time() < deadline:
+        assert proc.poll() is None, "the trainer exited before it could be killed"
+        time.sleep(0.02)
+    actor_pid = int((out / "ranks" / "rank-0.pid").read_text())  # the trainer actor's process
+    os.kill(actor_pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # and the driver with its local Ray
+    proc.wait()
+    while _alive(actor_pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(actor_pid)
+    killed_at = json.loads((latest_checkpoint(out / "checkpoints") / "trainer_state.json").read_text())["step"]
+    assert 3 <= killed_at < 24
+
+    done = subprocess.run([*cmd, "--plot"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loss curve: " in done.stdout and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "ranks" / "rank-0.json").read_text())
+    assert summary["resumed_from"] == killed_at and summary["step"] == summary["total_steps"] == 24
+
+    records = metrics(out)  # one line per step: the killed run's lines after its checkpoint were dropped
+    assert [r["step"] for r in records] == list(range(1, 25))
+    assert [r["resumed_from"] for r in records] == [0] * killed_at + [killed_at] * (24 - killed_at)
+    warm = warmup_steps(24, 0.03)
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * cosine_with_warmup(s, 24, warm) for s in range(24)])
+    logged = key_log(out)
+    assert [r["step"] for r in logged] == list(range(1, 25))
+    for epoch in (0, 1):  # each epoch sees every example exactly once, across the kill
+        seen = [k for rec in logged if rec["epoch"] == epoch for k in rec["keys"]]
+        assert len(seen) == len(set(seen)) == 12 and set(seen) == epoch_keys(train_run)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_train_configs_validate():
+    tiny = load_train_config(REPO / "configs" / "train-tiny.yaml")
+    assert tiny.preset == "tiny" and tiny.accumulation_steps == 2
+    big = load_train_config(REPO / "configs" / "train-7b.yaml")
+    assert (big.lr, big.warmup_ratio, big.weight_decay, big.global_batch_size, big.epochs, big.num_frames,
+            big.save_every_steps, big.bf16) == (1e-4, 0.03, 0.0, 512, 1, 32, 500, True)
+    assert big.accumulation_steps == 32 and model_config(big).compressor.spec == "local43_global32"
+    with pytest.raises(ValueError, match="not a multiple"):
+        TrainConfig(global_batch_size=6, micro_batch_size=4)
+    with pytest.raises(ValueError, match="follow mode needs max_steps"):
+        TrainConfig(follow=True)
+    assert math.isclose(cosine_with_warmup(5, 10, 0), 0.5)
