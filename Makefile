@@ -39,8 +39,14 @@ demo: samples llm
 test: samples llm
 	HICOM_SAMPLES=$(SAMPLES) $(PY) -m pytest -q
 
-bench: samples
-	$(PY) bench/clip_decode.py --videos $(SAMPLES)
+# Every benchmark, each against its baseline measured in the same run (see bench/README.md).
+bench: samples llm
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/clip_decode.py
+	$(PY) bench/loader.py
+	$(PY) bench/compressor.py
+	$(PY) bench/caption_client.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf runs .pytest_cache
