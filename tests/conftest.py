@@ -12,6 +12,12 @@ import webdataset as wds
 from pipeline.sample_videos import ensure_sample_videos
 
 REPO = Path(__file__).resolve().parents[1]
+SUMMARY_LINES: list[str] = []  # lines tests want in the final report (e.g. the reliability counts)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY_LINES:
+        terminalreporter.write_line(line)
 
 
 def ffmpeg(*args: str) -> None:

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from conftest import SUMMARY_LINES
 from hostile import OK, make_cases
 from pipeline.build import build
 from pipeline.stats import connect
@@ -17,9 +18,10 @@ from stages import probe, split
 from stages.ingest import video_id_for
 
 
-def _summary(tried: int, recorded: int, lost: int, duplicated: int) -> str:
-    line = f"reliability: inputs tried {tried}, recorded with a reason {recorded}, lost {lost}, duplicated {duplicated}"
-    print("\n" + line)
+def _summary(what: str, tried: int, recorded: int, lost: int, duplicated: int) -> str:
+    line = (f"reliability ({what}): inputs tried {tried}, recorded with a reason {recorded}, lost {lost}, "
+            f"duplicated {duplicated}")
+    SUMMARY_LINES.append(line)
     return line
 
 
@@ -53,7 +55,7 @@ def test_hostile_files_each_recorded_once_with_their_reason(hostile, ray_local):
     sources = [s for (s,) in con.execute("SELECT source FROM videos").fetchall()] + list(ingest_failures)
     duplicated = len(sources) - len(set(sources))
     lost = sum(1 for v in got.values() if v == "LOST")
-    _summary(len(cases), sum(1 for v in got.values() if v != OK), lost, duplicated)
+    _summary("hostile files", len(cases), sum(1 for v in got.values() if v != OK), lost, duplicated)
     assert lost == 0 and duplicated == 0
     leftover = subprocess.run(["pgrep", "-f", str(root / "inputs")], capture_output=True, text=True).stdout
     assert leftover == "", f"FFmpeg processes outlived the run: {leftover}"
@@ -112,7 +114,7 @@ def test_hostile_annotations(tmp_path, ray_local):
                         "nofield": reasons.BAD_ANNOTATION, "badconv": reasons.BAD_ANNOTATION,
                         "qa.jsonl:5": reasons.BAD_ANNOTATION, "url": reasons.UNSUPPORTED_URL}
     assert [r[0] for r in con.execute("SELECT sample_id FROM pairs").fetchall()] == ["good"]
-    _summary(len(lines), len(failures), len(lines) - len(failures) - 1, 0)
+    _summary("hostile annotations", len(lines), len(failures), len(lines) - len(failures) - 1, 0)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from conftest import make_test_video
+from conftest import SUMMARY_LINES, make_test_video
 
 BUILD = textwrap.dedent("""
     import resource, sys
@@ -35,7 +35,8 @@ def test_driver_rss_stays_flat_on_10x_input(tmp_path):
             (inputs / f"v{i:02d}.mp4").hardlink_to(source)
         sizes[count] = _peak_rss_mb(inputs, tmp_path / f"run{count}")
     (clips_small, rss_small), (clips_large, rss_large) = sizes[4], sizes[40]
-    print(f"\nmemory: driver peak RSS {rss_small} MiB for {clips_small} clips, {rss_large} MiB for {clips_large} clips")
+    SUMMARY_LINES.append(f"memory: driver peak RSS {rss_small} MiB for {clips_small} clips, "
+                         f"{rss_large} MiB for {clips_large} clips")
     assert clips_large == 10 * clips_small == 120
     # 120 clips of 32 frames at 384 px are ~60 MiB of JPEG: holding them would show; streaming does not
     assert rss_large - rss_small < 40
