@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    from pipeline.captioning import add_caption_cli
+    from pipeline.caption_command import add_caption_cli
     from pipeline.train_cli import add_train_cli
 
     add_caption_cli(sub)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import captioning as cap_pipeline
+from pipeline import caption_command, captioning as cap_pipeline
 from pipeline.llm_server import EmbeddedServer, llama_cpp_available
 from schemas import caption_reasons as reasons
 from schemas.caption import CaptioningConfig, EmbeddedServerConfig
@@ -102,7 +102,7 @@ def committed_run(tmp_path: Path) -> Path:
 def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path):
     run_dir = committed_run(tmp_path)
     cap = captioning(stub, instruct={"prompt_version": "instruct-v9"})
-    report = cap_pipeline.run_caption(run_dir, cap, progress=False)
+    report = caption_command.run_caption(run_dir, cap, progress=False)
     out = run_dir / "annotations" / "instruct-v9"
     parts = sorted(p.name for p in out.glob("*.stats.json"))
     assert parts == [f"shard-0000{i}.stats.json" for i in range(3)] and report["done"] == 3  # one per video
@@ -115,19 +115,19 @@ def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path):
     assert (out / "captioning.yaml").exists() and report["usage"]["instruct"]["succeeded"] == 4
     sent = stub.total
 
-    again = cap_pipeline.run_caption(run_dir, cap, progress=False)  # everything committed: skipped
+    again = caption_command.run_caption(run_dir, cap, progress=False)  # everything committed: skipped
     assert again["skipped"] == 3 and again.get("done", 0) == 0 and stub.total == sent
 
     (out / "shard-00001.stats.json").unlink()  # as if killed before part 1 was committed
     before = pq.read_table(out / "shard-00001.pairs.parquet").to_pylist()
-    redo = cap_pipeline.run_caption(run_dir, cap, progress=False)
+    redo = caption_command.run_caption(run_dir, cap, progress=False)
     assert redo["done"] == 1 and stub.total == sent  # zero repeated requests: the cache answered
     assert redo["usage"]["instruct"]["requests"] == 0 and redo["usage"]["instruct"]["cache_hits"] >= 1
     assert pq.read_table(out / "shard-00001.pairs.parquet").to_pylist() == before
 
     changed = captioning(stub, instruct={"prompt_version": "instruct-v9", "pairs_per_clip": 2})
     with pytest.raises(ValueError, match="different captioning config"):
-        cap_pipeline.run_caption(run_dir, changed, progress=False)
+        caption_command.run_caption(run_dir, changed, progress=False)
 
 
 def test_caption_cli(stub, tmp_path, capsys):
@@ -136,13 +136,13 @@ def test_caption_cli(stub, tmp_path, capsys):
     config.write_text(yaml.safe_dump({"captioning": captioning(stub).model_dump(mode="json")}))
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    cap_pipeline.add_caption_cli(sub)
+    caption_command.add_caption_cli(sub)
     args = parser.parse_args(["caption", str(run_dir), "--config", str(config), "--version", "cli-v1",
                               "--set", "instruct.pairs_per_clip=2", "--no-progress"])
     assert args.func(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["version"] == "cli-v1" and report["done"] == 3 and stub.total == 4
-    table = cap_pipeline.read_annotation_pairs(run_dir, "cli-v1").to_pylist()
+    table = caption_command.read_annotation_pairs(run_dir, "cli-v1").to_pylist()
     assert {p["sample_id"].rsplit("-", 1)[-1] for p in table if p["source"] == "llm"} <= {"q0", "q1"}
 
 
@@ -210,7 +210,7 @@ def test_embedded_model_generates_pairs(tmp_path):
                      "endpoint": {"max_tokens": 300, "timeout_s": 120, "max_concurrency": 2}},
         "embedded_server": {"enabled": True, "n_ctx": 2048}})
     results = [make_result("v0", CAPTIONS[:1]), make_result("v1", CAPTIONS[2:3], frame_seed=1)]
-    with cap_pipeline._maybe_server(cap, tmp_path) as base_url:
+    with cap_pipeline.maybe_server(cap, tmp_path) as base_url:
         cfg = cap_pipeline.with_server(cap, base_url)
         runner = SyncRunner()
         client = LLMClient(cfg.instruct.endpoint, ResponseCache(tmp_path / "cache"))
