@@ -83,7 +83,7 @@ def cmd_stats(args) -> int:
 
     from pipeline.stats import connect, plot, report, run_sql
 
-    con = connect(args.run_dir)
+    con = connect(args.run_dir, args.annotations)
     try:
         print(run_sql(con, args.sql) if args.sql else report(con))
     except duckdb.Error as exc:
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--sql", help="run this SQL instead of the report (read-only)")
     p.add_argument("--plot", metavar="OUT_DIR", help="write PNG histograms here")
+    p.add_argument("--annotations", metavar="VERSION",
+                   help="take `pairs` (and their failures) from an annotation version made by `hicom caption`")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("export-llava", help="the release training JSON + clip mp4s from shards")

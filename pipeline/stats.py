@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from pipeline.captioning import ANNOTATIONS_DIR
 from pipeline.resume import committed_stats
 from stages.shard import CLIP_SCHEMA, FAILURE_SCHEMA, FAILURES_DIR, PAIR_SCHEMA, SHARDS_DIR, VIDEO_SCHEMA
 
@@ -34,14 +35,29 @@ def _create_from_arrow(con: duckdb.DuckDBPyConnection, name: str, table: pa.Tabl
     con.unregister("_arrow_source")
 
 
-def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
+def _table_sources(run_dir: Path, annotations: str | None) -> dict:
+    """Where each table's parquet files are. With an annotation version (`hicom caption`), `pairs` come from
+    that version and its failures join the run's."""
+    tables = dict(TABLES)
+    if annotations:
+        folder = Path(ANNOTATIONS_DIR) / annotations
+        if not (run_dir / folder).is_dir():
+            raise FileNotFoundError(f"no annotation version {annotations!r} under {run_dir / ANNOTATIONS_DIR}")
+        tables["pairs"] = (folder, "*.pairs.parquet", PAIR_SCHEMA)
+        tables["annotation_failures"] = (folder, "*.failures.parquet", FAILURE_SCHEMA)
+    return tables
+
+
+def connect(run_dir: str | Path, annotations: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding the run's committed indexes, sealed against file access."""
     run_dir = Path(run_dir)
     if not (run_dir / SHARDS_DIR).is_dir():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {SHARDS_DIR}/)")
     committed = {p["shard"] for p in committed_stats(run_dir)}
+    if annotations:  # a part of an annotation version counts once its own stats file is written
+        committed &= {p.name.split(".")[0] for p in (run_dir / ANNOTATIONS_DIR / annotations).glob("*.stats.json")}
     con = duckdb.connect(":memory:")
-    for table, (folder, pattern, schema) in TABLES.items():
+    for table, (folder, pattern, schema) in _table_sources(run_dir, annotations).items():
         files = sorted(str(p) for p in (run_dir / folder).glob(pattern)
                        if p.name.split(".")[0] in committed)
         if files:
@@ -52,6 +68,8 @@ def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
                "num_failures": p["num_failures"], "num_pairs": p.get("num_pairs", 0),
                "tar_bytes": p["tar_bytes"], "committed_at": p["committed_at"]} for p in committed_stats(run_dir)]
     _create_from_arrow(con, "shards", pa.Table.from_pylist(shards, schema=SHARD_SCHEMA))
+    if annotations:
+        con.execute("INSERT INTO failures SELECT * FROM annotation_failures; DROP TABLE annotation_failures")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

@@ -144,6 +144,12 @@ def test_caption_cli(stub, tmp_path, capsys):
     assert report["version"] == "cli-v1" and report["done"] == 3 and stub.total == 4
     table = caption_command.read_annotation_pairs(run_dir, "cli-v1").to_pylist()
     assert {p["sample_id"].rsplit("-", 1)[-1] for p in table if p["source"] == "llm"} <= {"q0", "q1"}
+    from pipeline.stats import connect
+
+    con = connect(run_dir, annotations="cli-v1")  # `hicom stats RUN_DIR --annotations cli-v1`
+    assert con.execute("SELECT count(*) FROM pairs").fetchone()[0] == len(table)
+    assert con.execute("SELECT count(*) FROM pairs WHERE source = 'llm'").fetchone()[0] > 0
+    assert connect(run_dir).execute("SELECT count(*) FROM pairs WHERE source = 'llm'").fetchone()[0] == 0
 
 
 class FakeServer(EmbeddedServer):
