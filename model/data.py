@@ -34,7 +34,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.sampling import release_frame_indices
@@ -254,13 +253,7 @@ class Uint8Frames(FrameProcessor):
     """FrameProcessor that stops before normalising: (T, 3, S, S) uint8, padded and resized the same way."""
 
     def __call__(self, frames) -> torch.Tensor:
-        out = []
-        for frame in frames:
-            image = self.expand_to_square(self.to_image(frame))
-            if image.size != (self.image_size, self.image_size):
-                image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-            out.append(np.asarray(image))
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(self.square_uint8(frames)).permute(0, 3, 1, 2).contiguous()
 
 
 def normalise_pixels(pixels: torch.Tensor, frames: FrameProcessor) -> torch.Tensor:

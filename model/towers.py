@@ -60,15 +60,20 @@ class FrameProcessor:
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         return canvas
 
-    def __call__(self, frames) -> torch.Tensor:
-        """List of frames -> (T, 3, image_size, image_size) float32 pixel values."""
+    def square_uint8(self, frames) -> np.ndarray:
+        """List of frames -> (T, image_size, image_size, 3) uint8, padded to square and resized."""
         out = []
         for frame in frames:
             image = self.expand_to_square(self.to_image(frame))
             if image.size != (self.image_size, self.image_size):
                 image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-            out.append(np.asarray(image, dtype=np.float32) / 255.0)
-        pixels = (np.stack(out) - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+            out.append(np.asarray(image))
+        return np.stack(out)
+
+    def __call__(self, frames) -> torch.Tensor:
+        """List of frames -> (T, 3, image_size, image_size) float32 pixel values."""
+        pixels = self.square_uint8(frames).astype(np.float32) / 255.0
+        pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 

@@ -1,14 +1,13 @@
 """`hicom train CONFIG.yaml [--shards RUN_DIR] [--address ...]`: conditional pre-training on shards.
 
 Options live in the YAML (`configs/train-*.yaml`, validated into `schemas.train.TrainConfig`); a few
-flags override it. `python -m pipeline.train_cli ...` runs the same command without the main CLI.
+flags override it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import yaml
@@ -87,18 +86,3 @@ def add_train_cli(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hicom", description=__doc__)
-    add_train_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -147,7 +147,7 @@ def test_killed_trainer_resumes_step_lr_schedule_and_data_position(train_run, tm
         preset="tiny", shards=str(train_run), output_dir=str(out), num_frames=4, micro_batch_size=1,
         global_batch_size=1, lr=1e-3, epochs=2, loader_workers=1, shuffle_buffer=4, save_every_steps=3,
         log_sample_keys=True, use_gpu=False, num_cpus=2)))
-    cmd = [sys.executable, "-m", "pipeline.train_cli", str(cfg_path), "--no-progress"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(cfg_path), "--no-progress"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
