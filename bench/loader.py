@@ -143,8 +143,10 @@ def prepare(run_dir: Path, videos: Path, repeats: int, tmp: Path) -> dict[str, l
         path = tmp / f"shard-{i // 2:05d}.tar"
         with wds.TarWriter(str(path)) as writer:
             for r, clip in copies[i:i + 2]:
+                meta = json.loads(clip["json"])
+                meta["samples"] = meta["samples"][:1]  # one training example per clip load on both sides
                 writer.write({k: v for k, v in clip.items() if k not in ("__url__", "__local_path__", "mp4")}
-                             | {"__key__": f"{clip['__key__']}-r{r}"})
+                             | {"__key__": f"{clip['__key__']}-r{r}", "json": json.dumps(meta).encode()})
         bench_tars.append(str(path))
     return {"tars": bench_tars, "shard": shard_mp4s * repeats, "src": src_mp4s * repeats}
 
