@@ -103,3 +103,23 @@ def shard_contents(run_dir) -> dict[str, str]:
             digest.update(member.encode() + sample[member])
         out[key] = digest.hexdigest()
     return out
+
+
+@pytest.fixture()
+def stub():
+    """A local OpenAI-compatible stub on 127.0.0.1 answering with grounded instruction/answer pairs."""
+    from tests.stub_openai import StubOpenAI, pairs_responder
+
+    with StubOpenAI(pairs_responder) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Tiny models run fastest single-threaded, and stay fast on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

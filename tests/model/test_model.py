@@ -16,13 +16,7 @@ from model.presets import tiny_guide_tokenizer, tiny_llm_tokenizer
 ANSWERS = ["A red car drives.", "Two dogs play.", "A man cooks soup.", "Birds fly south."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest single-threaded, and stay fast on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,18 +20,12 @@ from schemas import caption_reasons as reasons
 from schemas.caption import CaptioningConfig, EmbeddedServerConfig
 from schemas.config import RunConfig, ShardConfig
 from stages.shard import ShardWriter
-from tests.stub_openai import StubOpenAI, make_result, pairs_responder
+from tests.stub_openai import make_result
 
 CAPTIONS = ["A man in a blue coat walks a brown dog through a green park.",
             "A red car drives along a coastal road at sunset.",
             "A chef chops onions and carrots on a wooden board in a kitchen.",
             "Two children build a sandcastle on a sunny beach while waves roll in."]
-
-
-@pytest.fixture()
-def stub():
-    with StubOpenAI(pairs_responder) as server:
-        yield server
 
 
 def captioning(stub, **kw) -> CaptioningConfig:

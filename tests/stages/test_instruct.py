@@ -10,17 +10,11 @@ from schemas import caption_reasons as reasons
 from schemas.caption import CaptionConfig, EndpointConfig, InstructConfig
 from stages import caption, instruct
 from stages.llm_client import LLMClient, ResponseCache, SyncRunner
-from tests.stub_openai import StubOpenAI, make_result, pairs_responder
+from tests.stub_openai import make_result, pairs_responder
 
 CAPTIONS = ["A man in a blue coat walks a brown dog through a green park.",
             "A red car drives along a coastal road at sunset.",
             "A chef chops onions and carrots on a wooden board in a kitchen."]
-
-
-@pytest.fixture()
-def stub():
-    with StubOpenAI(pairs_responder) as server:
-        yield server
 
 
 @pytest.fixture()
