@@ -2,7 +2,7 @@
 
 Every approach turns each clip into 32 frames of 384 x 384, padded to square with the mean colour, with the
 same number of DataLoader worker processes (one clip per item, torch and decoders single-threaded):
-  ours           `model.data.ShardStream`: read the WebDataset tar, decode the 32 stored JPEGs (already padded
+  ours           `model.training.stream.ShardStream`: read the WebDataset tar, decode the 32 stored JPEGs (already padded
                  and resized by the pipeline), uint8 out (the trainer normalises on the device)
   ours+norm      the same, normalised to float32 in the worker
   release/<dec>  the release's approach (VideoLLaMA2 `process_video`): open the clip's mp4, decode 32 uniformly
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset  # noqa: E402
 
-from model.data import ShardSource, ShardStream, Uint8Frames, normalise_pixels  # noqa: E402
+from model.training.stream import ShardSource, ShardStream, Uint8Frames, normalise_pixels  # noqa: E402
 from model.towers import FrameProcessor  # noqa: E402
 from stages.sampling import release_frame_indices  # noqa: E402
 

@@ -42,7 +42,7 @@ class HicomProcessor:
     tokenizer: Any  # LLM tokenizer (Qwen2 or the tiny offline one)
     guide_tokenizer: Any | None  # SigLIP text tokenizer; None when no level uses the instruction
     frames: FrameProcessor
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str | None = None  # None: the chat template's own default system prompt (release)
     guide_max_length: int = 64
     guide_text_quirks: bool = True
 

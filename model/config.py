@@ -200,7 +200,7 @@ class HicomConfig:
     guide_max_length: int = 64  # instruction tokens for the text tower (SigLIP max 64)
     num_frames: int = 32  # frames per clip the trainer feeds (release 32)
     max_length: int = 4096  # LLM sequence cap after the visual tokens are spliced in
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str | None = None  # None: the LLM tokenizer's template default (release); a string forces one
     guide_text_quirks: bool | None = None  # release's str.lstrip("Question: "); None: on in release behaviour
     frozen_dtype: str = "float32"  # dtype of the frozen towers and LLM (bfloat16 for 7B on GPU)
     gradient_checkpointing: bool = False  # checkpoint the LLM layers (7B); grads still reach inputs

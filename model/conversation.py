@@ -3,8 +3,10 @@
 - A multi-turn sample becomes one training example per turn: the conversation prefix up to and
   including that turn's answer (`expand_turns`).
 - `<video>` goes at the start of the first user turn (`"<video>\\n" + question`).
-- The prompt is the Qwen chat format; the loss covers only the last answer (its text, `<|im_end|>`
-  and the newline after it), every earlier token is masked with IGNORE_INDEX.
+- The prompt is the LLM tokenizer's own chat template, called without a system message unless one is
+  configured (the release does the same, so Qwen2.5 adds its default system prompt); the loss covers
+  only the last answer (its text, `<|im_end|>` and the newline after it), every earlier token is masked.
+- Whitespace: only the turn holding `<video>` is stripped, as in the release.
 - The instruction for the text tower is the last user question with the release's cleaning rules
   (`extract_guide_text`).
 """
@@ -84,50 +86,64 @@ def expand_turns(conversations: list[dict]) -> list[list[dict]]:
 
 
 def place_video_token(conversations: list[dict]) -> list[dict]:
-    """Copy of the turns with exactly one `<video>`, at the start of the first user turn.
+    """Copy of the turns with exactly one `<video>`, at the start of the first user turn (release rules).
 
-    `<image>` is treated as `<video>` (release); placeholders in later turns are dropped so a
-    sample always has one splice point.
+    `<image>` is treated as `<video>`. Only a turn that holds the placeholder is stripped of surrounding
+    whitespace (the release strips that turn and no other), so answers keep their own whitespace;
+    placeholders in later turns are dropped so a sample always has one splice point.
     """
     out = []
     for i, turn in enumerate(conversations):
         value = turn["value"].replace(IMAGE_TOKEN, VIDEO_TOKEN)
-        value = value.replace(VIDEO_TOKEN, "").strip()
         if i == 0:
-            value = f"{VIDEO_TOKEN}\n{value}"
+            value = f"{VIDEO_TOKEN}\n{value.replace(VIDEO_TOKEN, '').strip()}"
+        elif VIDEO_TOKEN in value:
+            value = value.replace(VIDEO_TOKEN, "").strip()
         out.append({"from": turn["from"], "value": value})
     return out
 
 
-def chat_pieces(conversations: list[dict], system_prompt: str) -> tuple[str, str]:
-    """(prompt, target) strings in the Qwen chat format.
+def chat_messages(conversations: list[dict], system_prompt: str | None = None) -> list[dict]:
+    """Chat-template messages for the turns; a system message only when `system_prompt` is given.
 
-    prompt = system + earlier turns + last question + "<|im_start|>assistant\\n";
-    target = last answer + "<|im_end|>\\n" (the supervised part).
+    Without one the tokenizer's own template decides (Qwen2.5-Instruct inserts its default system
+    prompt), which is what the release does: it never passes a system message.
     """
-    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-    for turn in conversations[:-1]:
-        role = "user" if turn["from"] == "human" else "assistant"
-        text += f"<|im_start|>{role}\n{turn['value']}<|im_end|>\n"
-    text += "<|im_start|>assistant\n"
-    return text, f"{conversations[-1]['value']}<|im_end|>\n"
+    roles = {"human": "user", "gpt": "assistant"}
+    messages = [{"role": roles[t["from"]], "content": t["value"]} for t in conversations]
+    return ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + messages
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def encode_multimodal(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with each `<video>` replaced by VIDEO_TOKEN_INDEX; the text between
+    placeholders is tokenized piece by piece, as the release's `tokenizer_multimodal_token` does."""
+    ids: list[int] = []
+    for i, chunk in enumerate(text.split(VIDEO_TOKEN)):
+        if i:
+            ids.append(VIDEO_TOKEN_INDEX)
+        if chunk:
+            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    return ids
 
 
-def tokenize_example(conversations: list[dict], tokenizer, system_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_example(conversations: list[dict], tokenizer,
+                     system_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) for one example whose last turn is the supervised answer.
 
-    The `<video>` placeholder becomes VIDEO_TOKEN_INDEX (text around it is tokenized separately, as
-    the release does); labels are IGNORE_INDEX except on the target.
+    The release's rule: the whole conversation is rendered with the tokenizer's chat template and
+    tokenized at once; the first N tokens are masked, N being the token count of the prompt rendered
+    up to the last question with the generation prompt. So the labels cover the last answer, its
+    `<|im_end|>` and what the template puts after it; earlier answers are context only.
     """
     validate_turns(conversations)
-    prompt, target = chat_pieces(place_video_token(conversations), system_prompt)
-    before, after = prompt.split(VIDEO_TOKEN, 1)
-    prompt_ids = _encode(tokenizer, before) + [VIDEO_TOKEN_INDEX] + _encode(tokenizer, after)
-    target_ids = _encode(tokenizer, target)
-    input_ids = torch.tensor(prompt_ids + target_ids, dtype=torch.long)
-    labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + target_ids, dtype=torch.long)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the LLM tokenizer has no chat_template: use the LLM's own tokenizer (Qwen2.5-Instruct)")
+    messages = chat_messages(place_video_token(conversations), system_prompt)
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    ids = encode_multimodal(tokenizer, full)
+    masked = min(len(encode_multimodal(tokenizer, prompt)), len(ids))
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = input_ids.clone()
+    labels[:masked] = IGNORE_INDEX
     return input_ids, labels

@@ -70,9 +70,25 @@ def byte_level_tokenizer(special_tokens: tuple[str, ...], template_eos: str | No
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
+# Qwen2.5-Instruct's chat behaviour for the tiny LLM: turns as <|im_start|>role\n...<|im_end|>\n and a default
+# system prompt when the messages bring none (written here; a real checkpoint brings its own template).
+TINY_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
 def tiny_llm_tokenizer():
-    """Qwen-style tokenizer for the tiny LLM: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>` (pad), `<video>`."""
-    return byte_level_tokenizer(QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    """Qwen-style tokenizer for the tiny LLM: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>` (pad), `<video>`,
+    with a Qwen-style chat template (default system prompt included)."""
+    tok = byte_level_tokenizer(QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
 
 
 def tiny_guide_tokenizer(max_length: int = 64):

@@ -45,7 +45,7 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
 
 
 def cmd_train(args) -> int:
-    from model.trainer import run_training
+    from model.training.actor import run_training
     from schemas.train import load_train_config
 
     overrides = {}

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from model.collate import HicomProcessor
-from model.data import (Collator, ShardSource, ShardStream, clip_examples, count_examples, deal, make_loader,
+from model.training.stream import (Collator, ShardSource, ShardStream, clip_examples, count_examples, deal, make_loader,
                         normalise_pixels, resolve_source)
 from model.presets import tiny_guide_tokenizer, tiny_llm_tokenizer
 from model.towers import FrameProcessor

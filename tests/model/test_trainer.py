@@ -17,9 +17,9 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from model import build_model
-from model.data import clip_examples, resolve_source
-from model.train_loop import Trainer, model_config
-from model.train_state import cosine_with_warmup, latest_checkpoint, warmup_steps
+from model.training.stream import clip_examples, resolve_source
+from model.training.loop import Trainer, model_config
+from model.training.state import cosine_with_warmup, latest_checkpoint, warmup_steps
 from schemas.train import TrainConfig, load_train_config
 from train_shards import copy_run, train_run  # noqa: F401
 
@@ -118,7 +118,7 @@ def test_follow_mode_trains_on_shards_that_appear_after_it_started(train_run, tm
 
 @pytest.mark.slow
 def test_two_ray_train_workers_read_disjoint_shards_and_end_identical(train_run, tmp_path, ray_local):
-    from model.trainer import run_training
+    from model.training.actor import run_training
 
     cfg = config(train_run, tmp_path / "ddp", num_workers=2, micro_batch_size=1, global_batch_size=2,
                  save_every_steps=3)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_compressor_checkpoint
+from ..checkpoint import save_compressor_checkpoint
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"

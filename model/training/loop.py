@@ -27,10 +27,10 @@ import yaml
 
 from schemas.train import TrainConfig
 
-from .config import CompressorConfig
-from .data import ShardStream, deal, make_loader, normalise_pixels, resolve_source, shard_order, count_examples
-from .presets import build_model, get_config
-from .train_state import StepLog, latest_checkpoint, load_checkpoint, make_scheduler, save_checkpoint
+from ..config import CompressorConfig
+from .stream import ShardStream, deal, make_loader, normalise_pixels, resolve_source, shard_order, count_examples
+from ..presets import build_model, get_config
+from .state import StepLog, latest_checkpoint, load_checkpoint, make_scheduler, save_checkpoint
 
 logger = logging.getLogger(__name__)
 # settings a resumed run must share with its checkpoint, or the data position means something else

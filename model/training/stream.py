@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.sampling import release_frame_indices
 
-from .collate import HicomProcessor, expand_clip_sample
-from .towers import FrameProcessor
+from ..collate import HicomProcessor, expand_clip_sample
+from ..towers import FrameProcessor
 
 logger = logging.getLogger(__name__)
 _PART_RE = re.compile(r"shard-(\d+)\.tar$")

@@ -4,7 +4,7 @@
       num_workers == 1  ->  TrainerActor (num_gpus=1 when the cluster has a GPU, else CPU)  -> Trainer.fit
       num_workers  > 1  ->  ray.train.torch.TorchTrainer (DDP; nccl on GPU, gloo on CPU)   -> Trainer.fit
 
-Both paths run `model.train_loop.Trainer`; checkpoints, metrics and the final `mm_projector.bin` are
+Both paths run `model.training.loop.Trainer`; checkpoints, metrics and the final `mm_projector.bin` are
 written under the config's output/checkpoint dirs, which must be shared storage for multi-node runs.
 A crash is recovered by running again (or by Ray Train's `max_failures`): the loop resumes from the
 latest complete checkpoint.
@@ -36,7 +36,7 @@ class TrainerActor:
     def fit(self) -> dict[str, Any]:
         import torch
 
-        from .train_loop import Trainer
+        from .loop import Trainer
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         use_gpu = self.cfg.use_gpu is not False and torch.cuda.is_available()
@@ -48,7 +48,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from .train_loop import Trainer
+    from .loop import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = ray.train.get_context()
