@@ -37,7 +37,8 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset  # noqa: E402
 
-from model.training.stream import ShardSource, ShardStream, Uint8Frames, normalise_pixels  # noqa: E402
+from model.training.shards import ShardSource  # noqa: E402
+from model.training.stream import ShardStream, Uint8Frames, normalise_pixels  # noqa: E402
 from model.towers import FrameProcessor  # noqa: E402
 from stages.sampling import release_frame_indices  # noqa: E402
 

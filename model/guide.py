@@ -93,6 +93,15 @@ class GuideInjector(nn.Module):
             self.fine_proj = MultiheadAttention(qk_dim, num_heads=max(1, qk_dim // head_dim))
             self.fine_norm = nn.LayerNorm(qk_dim, eps=norm_eps)
 
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        """Zero the layer that writes into the query (FiLM's last Linear, fine's out_proj), so a newly added
+        injector starts as LayerNorm(query) and learns from there (used when it joins stage-1 weights)."""
+        last = self.coarse_proj[-1] if self.mode == "coarse" else self.fine_proj.out_proj if self.mode == "fine" else None
+        if last is not None:
+            last.weight.zero_()
+            last.bias.zero_()
+
     def forward(self, query: torch.Tensor, guide: torch.Tensor | None,
                 guide_tokens: torch.Tensor | None) -> torch.Tensor:
         """query (B, N, D); guide (B, Dt) pooled instruction; guide_tokens (B, L, Dt) -> (B, N, D)."""

@@ -10,6 +10,7 @@ Only `mm_projector` has trainable parameters. `forward(batch)` takes the dict fr
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
@@ -85,6 +86,37 @@ class HicomForConditionalPretraining(nn.Module):
         dtype = self.mm_projector.dtype
         state = {k: v.to(dtype) for k, v in state.items()}
         return self.mm_projector.load_state_dict(state, strict=strict)
+
+    def load_stage1(self, source: str | dict[str, torch.Tensor]) -> list[str]:
+        """Start from a stage-1 (alignment) `mm_projector.bin` in the release's format; returns the keys it lacked.
+
+        Exactly the parameters the release's wiring does not have (the paper's `guide_injector.*`) may be
+        missing; any other missing or unexpected key is an error. A new injector starts as identity
+        (`GuideInjector.start_as_identity`), and an all-zero global `query` (the release never reads it
+        under `direct` wiring, so stage 1 leaves it at its zero init) gets the release's Linear init
+        (trunc-normal, std 0.02), so the global queries differ at step 0.
+        """
+        state = load_mm_projector_state(source)
+        expected = set(self.mm_projector.state_dict())
+        with torch.device("meta"):
+            release_keys = set(HicomCompressor(replace(self.config.compressor, behaviour="release")).state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if unexpected or missing - (expected - release_keys):
+            raise ValueError(f"{source if isinstance(source, str) else 'stage-1 state'} does not fit this compressor "
+                             f"({self.config.compressor.spec}, {self.config.compressor.behaviour}): missing "
+                             f"{sorted(missing - (expected - release_keys))}, unexpected {sorted(unexpected)}")
+        self.load_mm_projector(state, strict=False)
+        for name in ("local_compressor", "global_compressor"):
+            injector = getattr(getattr(self.mm_projector, name), "guide_injector", None)
+            if injector is not None and any(k.startswith(f"{name}.guide_injector.") for k in missing):
+                injector.start_as_identity()
+        gc = self.mm_projector.global_compressor
+        if missing and gc is not None and not gc.query.detach().any():
+            with torch.no_grad():
+                nn.init.trunc_normal_(gc.query, std=0.02)
+            logger.info("global query was all zero in the stage-1 file: initialised (trunc-normal, std 0.02)")
+        logger.info("loaded stage-1 weights; new keys initialised here: %s", sorted(missing))
+        return sorted(missing)
 
     # --- forward ------------------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """The training loop shared by the single Ray actor and every Ray Train (DDP) worker.
 
-`Trainer(cfg, rank, world_size, device).fit()` builds the model, trains only the compressor with AdamW +
-cosine warmup, accumulates micro-batches to the global batch, checkpoints (see `train_state`) and resumes
+`Trainer(cfg, rank, world_size, device).fit()` builds the model (from stage-1 weights when given), trains only
+the compressor with AdamW (two LR groups: compressor, condition injector) + cosine warmup, accumulates micro-batches to the global batch, checkpoints (see `state`) and resumes
 from the latest checkpoint: step, LR schedule and each loader stream's position continue where they
 stopped. With world_size > 1 it expects `torch.distributed` to be initialised (Ray Train does it).
 
@@ -28,16 +28,12 @@ import yaml
 from schemas.train import TrainConfig
 
 from ..config import CompressorConfig
-from .stream import ShardStream, deal, make_loader, normalise_pixels, resolve_source, shard_order, count_examples
 from ..presets import build_model, get_config
-from .state import StepLog, latest_checkpoint, load_checkpoint, make_scheduler, save_checkpoint
+from .shards import check_record, deal, resolve_source, shard_order, shard_record
+from .state import StepLog, group_lrs, latest_checkpoint, load_checkpoint, make_scheduler, param_groups, save_checkpoint
+from .stream import ShardStream, count_examples, make_loader, normalise_pixels
 
 logger = logging.getLogger(__name__)
-# settings a resumed run must share with its checkpoint, or the data position means something else
-DATA_KEYS = ("world_size", "loader_workers", "micro_batch_size", "global_batch_size", "seed", "follow",
-             "shuffle_shards", "shuffle_buffer", "num_frames")
-
-
 def model_config(cfg: TrainConfig):
     """HicomConfig for a TrainConfig (preset + overrides)."""
     overrides = {k: getattr(cfg, k) for k in ("num_frames", "max_length") if getattr(cfg, k) is not None}
@@ -53,20 +49,33 @@ def model_config(cfg: TrainConfig):
     return hc
 
 
+def epoch_steps(cfg: TrainConfig, shards: list[str], world: int, epoch: int, counts: dict[str, int]) -> int:
+    """Optimizer steps of one epoch over `shards` (the rank with the fewest micro-batches bounds it)."""
+    workers = max(1, cfg.loader_workers)
+    order = shard_order(shards, cfg.seed, epoch, cfg.shuffle_shards)
+    micro = [sum(math.ceil(sum(counts[t] for t in deal(order, r, world, w, workers)) / cfg.micro_batch_size)
+                 for w in range(workers)) for r in range(world)]
+    if min(micro) == 0:
+        raise ValueError(f"trainer worker {micro.index(0)} of {world} gets no examples in epoch {epoch}: "
+                         f"{sum(1 for t in shards if counts[t])} of {len(shards)} shards hold examples; use fewer "
+                         "workers or smaller shards (shard.max_samples)")
+    return math.ceil(min(micro) / cfg.accumulation_steps)
+
+
+def example_counts(cfg: TrainConfig, shards: list[str]) -> dict[str, int]:
+    """Examples per shard; ValueError when the whole set has none (a run built without captions)."""
+    counts = {t: _examples_in(t, cfg.num_frames) for t in shards}
+    if shards and not sum(counts.values()):
+        raise ValueError("the run has no instruction/answer pairs: build with captioning or a manifest with captions")
+    return counts
+
+
 def plan_steps(cfg: TrainConfig, shards: list[str], world: int) -> int:
-    """Optimizer steps of the whole run: max_steps, or what the shards give (the shortest rank bounds each epoch)."""
+    """Optimizer steps of the whole run: max_steps, or what the shards give over all epochs."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    counts = {t: _examples_in(t, cfg.num_frames) for t in shards}
-    workers, total = max(1, cfg.loader_workers), 0
-    for epoch in range(cfg.epochs):
-        order = shard_order(shards, cfg.seed, epoch, cfg.shuffle_shards)
-        micro = [sum(math.ceil(sum(counts[t] for t in deal(order, r, world, w, workers)) / cfg.micro_batch_size)
-                     for w in range(workers)) for r in range(world)]
-        if min(micro) == 0:
-            raise ValueError(f"rank {micro.index(0)} has no examples in epoch {epoch}: use fewer workers")
-        total += math.ceil(min(micro) / cfg.accumulation_steps)
-    return total
+    counts = example_counts(cfg, shards)
+    return sum(epoch_steps(cfg, shards, world, epoch, counts) for epoch in range(cfg.epochs))
 
 
 def _examples_in(tar: str, num_frames: int | None) -> int:
@@ -96,32 +105,39 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(model_config(cfg), self.device)
         if cfg.init_mm_projector:
-            self.model.load_mm_projector(cfg.init_mm_projector)
+            self.model.load_stage1(cfg.init_mm_projector)
         self.initial_digest = param_digest(self.model)
         self.ddp = self.model
         if world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.params = self.model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+        groups = param_groups(self.model.named_trainable_parameters(), cfg.lr, cfg.guide_injector_lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         if not cfg.shards:
             raise ValueError("no shards given (config `shards` or --shards)")
         self.source = resolve_source(cfg.shards)
+        if not cfg.follow and not self.source.shards:
+            raise ValueError(f"no committed shards in {cfg.shards}")
         if not cfg.follow and not self.source.finished():
             logger.warning("%s is still being built: reading the %d shards committed now (set follow: true to "
                            "train on shards as they appear)", self.source.run_dir, len(self.source.shards))
         self.stream = ShardStream(self.source, self.model.config.num_frames, rank, world_size, cfg.seed,
                                   cfg.shuffle_buffer, cfg.shuffle_shards, cfg.follow, cfg.follow_poll_s,
-                                  cfg.follow_idle_timeout_s, cfg.loader_workers)
+                                  cfg.follow_idle_timeout_s, cfg.loader_workers, cfg.follow_log_every_s)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
-        self.state = {"step": 0, "epoch": 0, "examples": 0, "positions": {}, **self._data_settings()}
+        self.state = {"step": 0, "epoch": 0, "examples": 0, "positions": {}, "epoch_start_step": 0,
+                      "lr_groups": {g["name"]: g["lr"] for g in groups}, **self._data_settings()}
+        self.epoch_shards = list(self.source.shards)  # the list the current epoch is planned on
         ckpt = latest_checkpoint(cfg.checkpoint_path) if cfg.resume else None
         self.state["total_steps"] = plan_steps(cfg, self.source.shards, world_size) if ckpt is None else None
         self.scheduler = make_scheduler(self.optimizer, self.state["total_steps"] or 1, cfg.warmup_ratio)
         self.resumed_from = 0
         if ckpt is not None:
             self._resume(ckpt)
+        if not cfg.follow:
+            self.state["epoch_shards"] = shard_record(self.epoch_shards)
         self._saved_step = self.resumed_from
         self.consumed = {int(k): v for k, v in self.state["positions"].get(str(rank), {}).items()}
         self.metrics = StepLog(cfg.metrics_jsonl_path, cfg.metrics_csv_path) if rank == 0 else None
@@ -144,11 +160,40 @@ class Trainer:
         if wrong:
             raise ValueError(f"{ckpt} was written with other data settings {wrong} (checkpoint, config): the "
                              "data position would not match; use the same settings or a new checkpoint_dir")
-        self.scheduler = make_scheduler(self.optimizer, saved["total_steps"], self.cfg.warmup_ratio)
+        if "lr_groups" in saved and saved["lr_groups"] != self.state["lr_groups"]:
+            raise ValueError(f"{ckpt} trained with learning rates {saved['lr_groups']}, the config asks for "
+                             f"{self.state['lr_groups']}: use the same rates or a new checkpoint_dir")
+        total = saved["total_steps"]
+        if not self.cfg.follow and "epoch_shards" in saved:
+            self.epoch_shards = check_record(saved["epoch_shards"])
+            total = self._replan(saved, total)
+        elif not self.cfg.follow:
+            logger.warning("%s records no shard list (an older checkpoint): resuming on the shards listed now", ckpt)
+        self.scheduler = make_scheduler(self.optimizer, total, self.cfg.warmup_ratio)
         self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.state["total_steps"] = total
         self.resumed_from = self.state["step"]
         logger.info("rank %d resumed from %s: step %d/%d, epoch %d", self.rank, ckpt, self.state["step"],
                     self.state["total_steps"], self.state["epoch"])
+
+    def _replan(self, saved: dict[str, Any], total: int) -> int:
+        """Schedule length after a resume: the recorded epoch is replayed on its own shard list; shards added
+        since join the epochs after it, which lengthens the schedule (the cosine is re-fitted to it)."""
+        now = list(self.source.shards)
+        if set(now) == set(self.epoch_shards) or self.cfg.max_steps is not None:
+            if set(now) != set(self.epoch_shards):
+                logger.warning("the run has %d shards, the checkpoint's epoch was planned on %d: this epoch replays "
+                               "the recorded ones, later epochs read all %d", len(now), len(self.epoch_shards), len(now))
+            return total
+        counts = example_counts(self.cfg, sorted(set(now) | set(self.epoch_shards)))
+        epoch, step = saved["epoch"], saved["step"]
+        left = epoch_steps(self.cfg, self.epoch_shards, self.world, epoch, counts) - (step - saved["epoch_start_step"])
+        later = sum(epoch_steps(self.cfg, now, self.world, e, counts) for e in range(epoch + 1, self.cfg.epochs))
+        new_total = step + left + later
+        logger.warning("the run grew from %d to %d shards since the checkpoint: epoch %d replays its %d recorded "
+                       "shards, later epochs read all %d; the schedule grows from %d to %d steps", len(self.epoch_shards),
+                       len(now), epoch, len(self.epoch_shards), len(now), total, new_total)
+        return new_total
 
     # --- distributed helpers ------------------------------------------------------------------------
     def _all_reduce(self, values: list[float], op=None) -> list[float]:
@@ -178,7 +223,7 @@ class Trainer:
         self._tick, self._tick_examples = time.time(), self.state["examples"]
         started = time.time()
         while self.state["step"] < total and self.state["epoch"] < cfg.epochs:
-            self.stream.set_epoch(self.state["epoch"], self.consumed)
+            self.stream.set_epoch(self.state["epoch"], self.consumed, None if cfg.follow else self.epoch_shards)
             batches = iter(make_loader(self.stream, self.model.processor, cfg.micro_batch_size,
                                        pin_memory=self.device.type == "cuda"))
             group: list[dict[str, Any]] = []
@@ -208,6 +253,9 @@ class Trainer:
                 else:
                     self._end_epoch()
             del batches
+        if self.state["step"] < total:
+            logger.warning("rank %d: the data ran out at step %d of %d planned%s", self.rank, self.state["step"], total,
+                           " (follow mode stopped waiting, see above)" if cfg.follow else "")
         return self._finish(time.time() - started)
 
     def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -218,15 +266,20 @@ class Trainer:
             return self.ddp(batch)
 
     def _end_epoch(self) -> None:
+        """Next epoch: plan it on the shards listed now (a resumed epoch kept its recorded list)."""
         self.state["epoch"] += 1
+        self.state["epoch_start_step"] = self.state["step"]
         self.consumed = {}
+        if not self.cfg.follow:
+            self.epoch_shards = list(self.source.shards)
+            self.state["epoch_shards"] = shard_record(self.epoch_shards)
 
     def _step(self, group: list[dict[str, Any]], accum: int, end_of_epoch: bool = False) -> None:
         cfg = self.cfg
         norm = None
         if cfg.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-        lr = self.scheduler.get_last_lr()[0]
+        lrs = group_lrs(self.optimizer)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,7 +298,8 @@ class Trainer:
             rate = (self.state["examples"] - self._tick_examples) / max(now - self._tick, 1e-9)
             self._tick, self._tick_examples = now, self.state["examples"]
             self.metrics.append({"step": step, "total_steps": self.state["total_steps"], "epoch": self.state["epoch"],
-                                 "loss": loss_sum / micro, "lr": lr, "grad_norm": norm,
+                                 "loss": loss_sum / micro, "lr": lrs["compressor"],
+                                 **{f"lr_{k}": v for k, v in lrs.items() if k != "compressor"}, "grad_norm": norm,
                                  "examples": self.state["examples"], "samples_per_s": rate,
                                  "resumed_from": self.resumed_from, "time": now})
         if step % cfg.save_every_steps == 0 or step == self.state["total_steps"]:

@@ -4,8 +4,9 @@ A checkpoint is a directory `step-00000500/` holding
     compressor.safetensors   trainable compressor weights, release key names (no prefix)
     mm_projector.bin         the same weights as the release writes them (`model.mm_projector.` keys)
     config.json              the HicomConfig, so the model can be rebuilt exactly
-    optimizer.pt             AdamW + LR scheduler state dicts
-    trainer_state.json       step, epoch, per-rank data position, schedule length, data-affecting config
+    optimizer.pt             AdamW (named parameter groups, each with its LR) + LR scheduler state dicts
+    trainer_state.json       step, epoch, per-rank data position, schedule length, base LR per group, the shards
+                             of the current epoch (names + sizes), data-affecting config
 It is written as `step-00000500.tmp/` and renamed when complete, so a directory named `step-*` is whole;
 `latest_checkpoint` returns the highest one. Logs (metrics, sample keys) are JSON lines carrying the step;
 on resume, lines after the checkpoint's step are dropped so the logs match the state.
@@ -37,17 +38,29 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio)
 
 
-def cosine_with_warmup(step: int, total_steps: int, warmup: int) -> float:
-    """LR multiplier at `step`: linear warmup, then cosine to 0 (HF `get_cosine_schedule_with_warmup`)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    warmup = warmup_steps(total_steps, warmup_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup))
+    """Linear warmup then cosine to 0 over `total_steps`, for every parameter group (the HF Trainer's schedule)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, warmup_ratio), total_steps)
+
+
+def param_groups(named_params, lr: float, guide_injector_lr: float | None) -> list[dict[str, Any]]:
+    """AdamW groups: `compressor` at `lr`, and the condition-injection sub-module (`*.guide_injector.*`) at
+    `guide_injector_lr` (the paper's 1e-3 vs 1e-4; the release's `--guide_injector_lr`). An empty group is
+    left out (the release's `direct` wiring has no injector parameters)."""
+    injector, rest = [], []
+    for name, param in named_params:
+        (injector if ".guide_injector." in f".{name}" else rest).append(param)
+    groups = [{"name": "compressor", "params": rest, "lr": lr}]
+    if injector:
+        groups.append({"name": "guide_injector", "params": injector, "lr": guide_injector_lr or lr})
+    return groups
+
+
+def group_lrs(optimizer: torch.optim.Optimizer, key: str = "lr") -> dict[str, float]:
+    """{group name: its `lr` (current) or `initial_lr` (base)}."""
+    return {g.get("name", str(i)): g[key] for i, g in enumerate(optimizer.param_groups)}
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------

@@ -1,37 +1,25 @@
-"""Streaming loader over WebDataset shards for conditional pre-training (no conversion back to JSON + mp4).
+"""Streaming examples from WebDataset shards for conditional pre-training (no conversion back to JSON + mp4).
 
-    shard tars ──(per rank / per loader worker split)──> clips ──> one example per (sample, turn)
+    shard tars (dealt per rank / loader worker, see `shards`) ──> clips ──> one example per (sample, turn)
         ──seeded shuffle buffer──> skip what a checkpoint says was consumed ──> collate (JPEG -> uint8)
 
-- Shards come from a run directory (`RUN_DIR` or `RUN_DIR/shards`), a directory of `shard-*.tar`, a glob
-  or a brace-expanded URL list (`s3://b/shard-{00000..00099}.tar`, read through webdataset's gopen).
-- Split: the epoch's shard list (seeded permutation, or commit order when following) is dealt round
-  robin: shard j goes to rank j % world, then to loader worker (j // world) % loader_workers. Workers of
-  different ranks therefore never read the same shard.
-- Follow mode reads a run that is still being built: a worker waits for each of its parts in commit
-  order (a tar exists only once complete; a part with no samples has a stats file and no tar) and stops
-  when the run's manifest says `finished` and its next part does not exist.
 - Exact resume: each loader worker's example stream is a pure function of (seed, epoch, rank, worker,
-  shard list), so a checkpoint stores how many examples of each stream were consumed and a resumed
-  run skips exactly those (before any JPEG is decoded).
+  the epoch's shard list), so a checkpoint stores how many examples of each stream were consumed (and
+  the shard list) and a resumed run skips exactly those (before any JPEG is decoded).
 - Frames leave the loader as uint8 (T, 3, S, S), already padded and resized; `normalise_pixels` applies
   the tower's mean/std on the device, which is cheaper than float work in the loader processes.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import random
 import re
 import tarfile
-import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -40,115 +28,10 @@ from stages.sampling import release_frame_indices
 
 from ..collate import HicomProcessor, expand_clip_sample
 from ..towers import FrameProcessor
+from .shards import ShardSource, deal, follow_tars, shard_order
 
 logger = logging.getLogger(__name__)
-_PART_RE = re.compile(r"shard-(\d+)\.tar$")
 _FRAME_RE = re.compile(r"f(\d{3})\.jpg$")
-
-
-# --- where shards are ---------------------------------------------------------------------------------
-@dataclass
-class ShardSource:
-    """A fixed list of shard paths/URLs, or a run directory that can be followed while it is built."""
-
-    shards: list[str]
-    run_dir: Path | None = None  # set when the shards live in RUN_DIR/shards next to a manifest.json
-
-    @property
-    def shards_dir(self) -> Path | None:
-        return self.run_dir / "shards" if self.run_dir else None
-
-    def finished(self) -> bool:
-        """True when the run's manifest says the build finished (always True without a run dir)."""
-        if self.run_dir is None:
-            return True
-        try:
-            return json.loads((self.run_dir / "manifest.json").read_text())["status"] == "finished"
-        except (OSError, ValueError, KeyError):
-            return False
-
-    def refresh(self) -> "ShardSource":
-        """Same source with the committed tars listed again."""
-        return ShardSource(committed_tars(self.shards_dir), self.run_dir) if self.run_dir else self
-
-
-def part_index(path: str) -> int:
-    match = _PART_RE.search(str(path))
-    if not match:
-        raise ValueError(f"not a shard name (shard-NNNNN.tar): {path}")
-    return int(match.group(1))
-
-
-def committed_tars(shards_dir: Path) -> list[str]:
-    """Complete shards in commit order (a tar exists only once it is complete)."""
-    return sorted((str(p) for p in Path(shards_dir).glob("shard-*.tar")), key=part_index)
-
-
-def resolve_source(spec: str | Path | list[str]) -> ShardSource:
-    """A run dir, a shards dir, one tar, a glob, or a brace-expanded list of paths/URLs."""
-    if isinstance(spec, (list, tuple)):
-        return ShardSource([str(s) for s in spec])
-    text = str(spec)
-    path = Path(text)
-    if path.is_dir():
-        if (path / "shards").is_dir():
-            return ShardSource(committed_tars(path / "shards"), path)
-        if (path.parent / "manifest.json").exists():
-            return ShardSource(committed_tars(path), path.parent)
-        return ShardSource(committed_tars(path))
-    if any(c in text for c in "*?["):
-        return ShardSource(sorted(glob.glob(text)))
-    shards = wds.shardlists.expand_urls(text)
-    if len(shards) == 1 and "://" not in text and not path.is_file():
-        raise FileNotFoundError(f"no shards at {text}")
-    return ShardSource(shards)
-
-
-def shard_order(shards: list[str], seed: int, epoch: int, shuffle: bool) -> list[str]:
-    """The epoch's shard order: a seeded permutation, or commit order."""
-    if not shuffle:
-        return list(shards)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    return [shards[i] for i in perm]
-
-
-def deal(items: list, rank: int, world: int, worker: int = 0, workers: int = 1) -> list:
-    """Round-robin share of one loader worker of one rank: item j -> rank j % world, worker (j//world) % workers."""
-    return [x for j, x in enumerate(items) if j % world == rank and (j // world) % workers == worker]
-
-
-def follow_tars(source: ShardSource, slot: int, stride: int, poll_s: float = 2.0,
-                idle_timeout_s: float | None = None) -> Iterator[str]:
-    """Tars of parts slot, slot + stride, ... in commit order, waiting for each while the build runs."""
-    shards, part, waited = source.shards_dir, slot, 0.0
-    while True:
-        tar, stats = shards / f"shard-{part:05d}.tar", shards / f"shard-{part:05d}.stats.json"
-        if tar.exists():
-            yield str(tar)
-        elif stats.exists() and _no_samples(stats):
-            pass  # a part that holds only failures has no tar
-        elif source.finished():
-            if tar.exists():
-                continue
-            later = [p for p in committed_tars(shards) if part_index(p) > part]
-            if not later:
-                return
-            logger.warning("part %d is missing in a finished run; skipping it", part)
-        else:
-            if idle_timeout_s is not None and waited >= idle_timeout_s:
-                logger.warning("no part %d after %.0fs of waiting; stopping", part, waited)
-                return
-            time.sleep(poll_s)
-            waited += poll_s
-            continue
-        part, waited = part + stride, 0.0
-
-
-def _no_samples(stats: Path) -> bool:
-    try:
-        return json.loads(stats.read_text()).get("num_samples", 1) == 0
-    except (OSError, ValueError):
-        return False
 
 
 # --- from clips to examples ---------------------------------------------------------------------------
@@ -200,39 +83,57 @@ class ShardStream(IterableDataset):
 
     def __init__(self, source: ShardSource, num_frames: int | None, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 256, shuffle_shards: bool = True, follow: bool = False,
-                 poll_s: float = 2.0, idle_timeout_s: float | None = None, loader_workers: int = 1):
+                 poll_s: float = 2.0, idle_timeout_s: float | None = None, loader_workers: int = 1,
+                 log_every_s: float = 60.0):
         self.source, self.num_frames, self.rank, self.world = source, num_frames, rank, world_size
         self.seed, self.shuffle_buffer, self.shuffle_shards = seed, shuffle_buffer, shuffle_shards
-        self.follow, self.poll_s, self.idle_timeout_s = follow, poll_s, idle_timeout_s
+        self.follow, self.poll_s, self.idle_timeout_s, self.log_every_s = follow, poll_s, idle_timeout_s, log_every_s
         self.inline = loader_workers == 0  # decode in the training process (one stream, worker id 0)
         self.loader_workers = max(1, loader_workers)
-        self.epoch, self.skip = 0, {}
+        self.epoch, self.skip, self.shards = 0, {}, list(source.shards)
+        self._frames_warned = False
         if follow and source.run_dir is None:
             raise ValueError("follow mode needs a run directory (RUN_DIR with manifest.json and shards/)")
         if not follow and len(source.shards) < world_size:
-            raise ValueError(f"{len(source.shards)} shard(s) for {world_size} workers: every worker needs at least "
-                             "one shard of its own; write smaller shards (shard.max_samples) or use fewer workers")
+            raise ValueError(f"{len(source.shards)} shards for {world_size} trainer workers: every worker needs at "
+                             "least one shard of its own; write smaller shards (shard.max_samples) or use fewer "
+                             "workers")
 
-    def set_epoch(self, epoch: int, skip: dict[int, int] | None = None) -> None:
+    def set_epoch(self, epoch: int, skip: dict[int, int] | None = None, shards: list[str] | None = None) -> None:
+        """Plan the next pass: epoch number, examples to skip per loader worker, and the epoch's shard list
+        (default: the source's; a resumed epoch passes the list its checkpoint recorded)."""
         self.epoch, self.skip = epoch, {int(k): int(v) for k, v in (skip or {}).items()}
+        self.shards = list(shards) if shards is not None else list(self.source.shards)
 
     def worker_tars(self, worker: int) -> Iterator[str]:
         """The shards one loader worker reads this epoch, in order (waits for them in follow mode)."""
         if self.follow:
             stride = self.world * self.loader_workers
-            return follow_tars(self.source, self.rank + worker * self.world, stride, self.poll_s, self.idle_timeout_s)
-        order = shard_order(self.source.shards, self.seed, self.epoch, self.shuffle_shards)
+            return follow_tars(self.source, self.rank + worker * self.world, stride, self.poll_s, self.idle_timeout_s,
+                               self.log_every_s)
+        order = shard_order(self.shards, self.seed, self.epoch, self.shuffle_shards)
         return iter(deal(order, self.rank, self.world, worker, self.loader_workers))
 
     def worker_stream(self, worker: int) -> Iterator[dict[str, Any]]:
         """The deterministic example stream of one loader worker, before skipping."""
         urls = ({"url": t} for t in self.worker_tars(worker))
         clips = wds.tariterators.tarfile_samples(urls)
-        examples = (ex for clip in clips for ex in clip_examples(clip, self.num_frames))
+        examples = (ex for clip in clips for ex in clip_examples(self._check_frames(clip), self.num_frames))
         if self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
             examples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(examples)
         return examples
+
+    def _check_frames(self, clip: dict[str, Any]) -> dict[str, Any]:
+        """Warn once per stream when a clip holds fewer frames than the model takes (they get repeated)."""
+        if not self._frames_warned and self.num_frames:
+            stored = sum(1 for k in clip if _FRAME_RE.fullmatch(k))
+            if 0 < stored < self.num_frames:
+                self._frames_warned = True
+                logger.warning("clip %s holds %d frames but the model takes %d: frames are repeated to fill it "
+                               "(release uniform sampling); build shards with clip.num_frames >= %d, or lower "
+                               "num_frames", clip.get("__key__"), stored, self.num_frames, self.num_frames)
+        return clip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

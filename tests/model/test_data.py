@@ -12,8 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from model.collate import HicomProcessor
-from model.training.stream import (Collator, ShardSource, ShardStream, clip_examples, count_examples, deal, make_loader,
-                        normalise_pixels, resolve_source)
+from model.training.shards import ShardSource, deal, resolve_source
+from model.training.stream import Collator, ShardStream, clip_examples, count_examples, make_loader, normalise_pixels
 from model.presets import tiny_guide_tokenizer, tiny_llm_tokenizer
 from model.towers import FrameProcessor
 from stages.sampling import release_frame_indices
@@ -98,7 +98,7 @@ def test_ranks_and_loader_workers_read_disjoint_shards_covering_the_epoch(train_
     assert sorted(shards) == source.shards
     assert sorted(seen) == sorted(all_keys(source))
     assert deal(list(range(10)), 1, 2, 1, 2) == [3, 7]
-    with pytest.raises(ValueError, match="4 shard\\(s\\) for 5 workers"):
+    with pytest.raises(ValueError, match="4 shards for 5 trainer workers"):
         ShardStream(source, 4, 0, 5)
 
 

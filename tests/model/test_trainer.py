@@ -17,9 +17,10 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from model import build_model
-from model.training.stream import clip_examples, resolve_source
 from model.training.loop import Trainer, model_config
-from model.training.state import cosine_with_warmup, latest_checkpoint, warmup_steps
+from model.training.shards import resolve_source
+from model.training.state import latest_checkpoint, warmup_steps
+from model.training.stream import clip_examples
 from schemas.train import TrainConfig, load_train_config
 from train_shards import copy_run, train_run  # noqa: F401
 
@@ -40,6 +41,20 @@ def key_log(out: Path, rank: int = 0) -> list[dict]:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def library_lrs(lr: float, total: int, warmup_ratio: float) -> list[float]:
+    """LR before each of `total` steps from transformers' own cosine-with-warmup schedule (the reference)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(total * warmup_ratio), total)
+    out = []
+    for _ in range(total):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
 
 
 def config(run, out, **kw) -> TrainConfig:
@@ -64,9 +79,8 @@ def test_tiny_trains_loss_falls_only_compressor_changes_and_exports(train_run, t
 
     losses = [r["loss"] for r in metrics(Path(cfg.output_dir))]
     assert len(losses) == 24 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
-    warm = warmup_steps(24, cfg.warmup_ratio)
-    assert [r["lr"] for r in metrics(Path(cfg.output_dir))] == pytest.approx(
-        [cfg.lr * cosine_with_warmup(s, 24, warm) for s in range(24)])
+    assert warmup_steps(24, cfg.warmup_ratio) == 1
+    assert [r["lr"] for r in metrics(Path(cfg.output_dir))] == pytest.approx(library_lrs(cfg.lr, 24, cfg.warmup_ratio))
     assert (Path(cfg.output_dir) / "metrics.csv").read_text().count("\n") == 25
 
     fresh = build_model(model_config(cfg))
@@ -169,8 +183,7 @@ def test_killed_trainer_resumes_step_lr_schedule_and_data_position(train_run, tm
     records = metrics(out)  # one line per step: the killed run's lines after its checkpoint were dropped
     assert [r["step"] for r in records] == list(range(1, 25))
     assert [r["resumed_from"] for r in records] == [0] * killed_at + [killed_at] * (24 - killed_at)
-    warm = warmup_steps(24, 0.03)
-    assert [r["lr"] for r in records] == pytest.approx([1e-3 * cosine_with_warmup(s, 24, warm) for s in range(24)])
+    assert [r["lr"] for r in records] == pytest.approx(library_lrs(1e-3, 24, 0.03))
     logged = key_log(out)
     assert [r["step"] for r in logged] == list(range(1, 25))
     for epoch in (0, 1):  # each epoch sees every example exactly once, across the kill
@@ -191,10 +204,13 @@ def test_train_configs_validate():
     assert tiny.preset == "tiny" and tiny.accumulation_steps == 2
     big = load_train_config(REPO / "configs" / "train-7b.yaml")
     assert (big.lr, big.warmup_ratio, big.weight_decay, big.global_batch_size, big.epochs, big.num_frames,
-            big.save_every_steps, big.bf16) == (1e-4, 0.03, 0.0, 512, 1, 32, 500, True)
+            big.save_every_steps, big.bf16, big.max_grad_norm) == (1e-4, 0.03, 0.0, 512, 1, 32, 500, True, None)
+    assert big.init_mm_projector and big.guide_injector_lr == 1e-3
+    with pytest.raises(ValueError, match="starts from the stage-1 projector: set init_mm_projector"):
+        load_train_config(REPO / "configs" / "train-7b.yaml", {"init_mm_projector": None})
+    assert load_train_config(REPO / "configs" / "train-7b.yaml", {"init_mm_projector": None, "from_scratch": True})
     assert big.accumulation_steps == 32 and model_config(big).compressor.spec == "local43_global32"
     with pytest.raises(ValueError, match="not a multiple"):
         TrainConfig(global_batch_size=6, micro_batch_size=4)
     with pytest.raises(ValueError, match="follow mode needs max_steps"):
         TrainConfig(follow=True)
-    assert math.isclose(cosine_with_warmup(5, 10, 0), 0.5)
