@@ -45,7 +45,10 @@ def plot_loss(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
 
 
 def cmd_train(args) -> int:
-    from model.training.actor import run_training
+    """Exit codes: 0 trained, 2 bad config or data (one-line error), 3 a trainer worker died (rerun resumes)."""
+    from pydantic import ValidationError
+
+    from model.training.actor import TrainerDied, run_training
     from schemas.train import load_train_config
 
     overrides = {}
@@ -57,8 +60,18 @@ def cmd_train(args) -> int:
     for flag in ("shards", "address", "output_dir", "num_workers", "max_steps"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)
-    cfg = load_train_config(args.config, overrides)
-    summary = run_training(cfg, progress=not args.no_progress)
+    if args.follow:
+        overrides["follow"] = True
+    try:
+        cfg = load_train_config(args.config, overrides)
+    except ValidationError as exc:
+        raise ValueError(f"{args.config}: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())) from None
+    try:
+        summary = run_training(cfg, progress=not args.no_progress)
+    except TrainerDied as exc:
+        log.error("%s", exc)
+        return 3
     print(f"trained {summary['step']}/{summary['total_steps']} steps ({summary['examples']} examples, resumed from "
           f"step {summary['resumed_from']}) in {summary['seconds']:.1f}s")
     print(f"mm_projector: {Path(summary['output_dir']) / 'mm_projector.bin'}")
@@ -79,6 +92,8 @@ def add_train_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", dest="output_dir", help="output dir (overrides `output_dir`)")
     p.add_argument("--num-workers", type=int, help="trainer workers / GPUs (overrides `num_workers`)")
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps (overrides `max_steps`)")
+    p.add_argument("--follow", action="store_true",
+                   help="train on a run while it is being built (needs --max-steps; same as --set follow=true)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
                    help="write a loss curve PNG (default <output_dir>/loss.png)")

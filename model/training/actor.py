@@ -26,6 +26,32 @@ from schemas.train import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+class TrainerDied(RuntimeError):
+    """A trainer worker process ended without an answer (killed, out of memory, node lost)."""
+
+
+def plain_error(exc: BaseException) -> BaseException:
+    """The error to show for a failed Ray training call: a worker's own exception (ValueError, ...) without Ray's
+    wrapping and remote traceback, or TrainerDied with one line saying what to do."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    seen = exc
+    for _ in range(8):  # Ray Train wraps: TrainingFailedError -> RayTaskError -> the worker's exception
+        if isinstance(seen, RayActorError):
+            return TrainerDied(f"the training worker died ({type(seen).__name__}: killed, out of memory or its node "
+                               "was lost); run the same command again to resume from the latest checkpoint")
+        if isinstance(seen, RayTaskError):
+            seen = seen.cause
+            continue
+        if not type(seen).__module__.startswith("ray") and seen is not exc:
+            return seen
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    return seen
+
+
 @ray.remote
 class TrainerActor:
     """One trainer worker as a Ray actor; owns a GPU when created with num_gpus=1."""
@@ -91,7 +117,14 @@ def start(cfg: TrainConfig):
     if cfg.num_workers == 1:
         actor = TrainerActor.options(num_gpus=1 if gpu else 0, num_cpus=cfg.cpus_per_worker).remote(config)
         ref = actor.fit.remote()
-        return (lambda: ray.get(ref)), (lambda: bool(ray.wait([ref], timeout=0)[0]))
+
+        def get() -> dict[str, Any]:
+            try:
+                return ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - re-raised as the worker's own error, without Ray's wrapping
+                raise plain_error(exc) from None
+
+        return get, (lambda: bool(ray.wait([ref], timeout=0)[0]))
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -115,7 +148,7 @@ def start(cfg: TrainConfig):
     def wait() -> dict[str, Any]:
         thread.join()
         if "error" in outcome:
-            raise outcome["error"]
+            raise plain_error(outcome["error"]) from None
         return json.loads((Path(cfg.output_dir) / "ranks" / "rank-0.json").read_text())
 
     return wait, (lambda: not thread.is_alive())

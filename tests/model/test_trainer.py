@@ -214,3 +214,122 @@ def test_train_configs_validate():
         TrainConfig(global_batch_size=6, micro_batch_size=4)
     with pytest.raises(ValueError, match="follow mode needs max_steps"):
         TrainConfig(follow=True)
+
+
+def test_paper_mode_starts_from_a_release_stage1_file_and_trains_two_lr_groups(train_run, tmp_path):
+    stage1 = tmp_path / "stage1" / "mm_projector.bin"  # release format: release wiring's keys, full-model prefix
+    release = build_model(model_config(config(train_run, tmp_path / "r")))
+    release.save_mm_projector(str(stage1))
+    saved = torch.load(stage1, weights_only=True)
+    assert not saved["model.mm_projector.global_compressor.query"].any()  # stage 1 never trains it (direct wiring)
+
+    cfg = config(train_run, tmp_path / "out", compressor_behaviour="paper", init_mm_projector=str(stage1),
+                 guide_injector_lr=1e-2, lr=1e-3, save_every_steps=2)
+    trainer = Trainer(cfg)
+    state = trainer.model.mm_projector.state_dict()
+    new = {k for k in state if "guide_injector" in k}
+    assert new and {k for k in state if "model.mm_projector." + k in saved} == set(state) - new
+    assert all(torch.equal(state[k], saved["model.mm_projector." + k]) for k in state
+               if k not in new and k != "global_compressor.query")
+    gc = trainer.model.mm_projector.global_compressor
+    with torch.no_grad():
+        queries = gc.queries(2, torch.randn(2, 64), None)
+    distances = torch.cdist(queries[0], queries[0]) + torch.eye(queries.shape[1])
+    assert distances.min() > 1e-3  # the global queries differ at step 0
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["compressor", "guide_injector"]
+
+    summary = trainer.fit()
+    records = metrics(Path(cfg.output_dir))
+    assert len(records) == summary["total_steps"] == 3
+    assert [r["lr_guide_injector"] for r in records] == pytest.approx([10 * r["lr"] for r in records])
+    assert [r["lr"] for r in records] == pytest.approx(library_lrs(1e-3, 3, cfg.warmup_ratio))
+    ckpt = latest_checkpoint(cfg.checkpoint_path)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["lr_groups"] == {"compressor": 1e-3,
+                                                                                  "guide_injector": 1e-2}
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]
+    assert [(g["name"], g["initial_lr"]) for g in opt["param_groups"]] == [("compressor", 1e-3), ("guide_injector", 1e-2)]
+    with pytest.raises(ValueError, match="learning rates"):
+        Trainer(cfg.model_copy(update={"guide_injector_lr": 1e-3}))
+
+    broken = {k: v for k, v in saved.items() if not k.endswith("global_compressor.readout.0.weight")}
+    torch.save(broken, tmp_path / "broken.bin")
+    with pytest.raises(ValueError, match=r"missing \['global_compressor.readout.0.weight'\]"):
+        Trainer(cfg.model_copy(update={"init_mm_projector": str(tmp_path / "broken.bin"),
+                                       "output_dir": str(tmp_path / "o2")}))
+
+
+class _Killed(BaseException):
+    """Ends a training run right after a checkpoint, as a kill there would (nothing after it is kept)."""
+
+
+def test_shards_added_between_kill_and_resume_every_example_of_every_epoch_once(train_run, tmp_path, monkeypatch):
+    import model.training.loop as loop
+
+    run = copy_run(train_run, tmp_path / "growing", parts=2, status="running")  # 6 examples now, 12 later
+    cfg = config(run, tmp_path / "out", micro_batch_size=1, global_batch_size=1, epochs=2, save_every_steps=2)
+    real_save = loop.save_checkpoint
+
+    def save_then_die(root, model, optimizer, scheduler, state, keep=2):
+        path = real_save(root, model, optimizer, scheduler, state, keep)
+        if state["step"] == 4:
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    first = Trainer(cfg)
+    assert first.state["total_steps"] == 12
+    with pytest.raises(_Killed):
+        first.fit()
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    for i in (2, 3):  # the build commits two more parts, then finishes
+        for suffix in (".stats.json", ".tar"):
+            shutil.copy(train_run / "shards" / f"shard-{i:05d}{suffix}", run / "shards" / f"shard-{i:05d}{suffix}")
+    (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
+
+    resumed = Trainer(cfg)
+    assert resumed.resumed_from == 4 and resumed.state["total_steps"] == 6 + 12
+    summary = resumed.fit()
+    assert summary["step"] == summary["total_steps"] == 18
+    logged = key_log(Path(cfg.output_dir))
+    assert [r["step"] for r in logged] == list(range(1, 19))
+    first_parts = copy_run(train_run, tmp_path / "first-two", parts=2)
+    for epoch, expected in ((0, epoch_keys(first_parts)), (1, epoch_keys(train_run))):
+        seen = [k for rec in logged if rec["epoch"] == epoch for k in rec["keys"]]
+        assert len(seen) == len(set(seen)) == len(expected) and set(seen) == expected
+
+    (run / "shards" / "shard-00000.tar").write_bytes(b"changed")  # a recorded shard changed: refuse, say which
+    ckpt = latest_checkpoint(cfg.checkpoint_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert [Path(s).name for s, _ in state["epoch_shards"]] == [f"shard-{i:05d}.tar" for i in range(4)]
+    with pytest.raises(ValueError, match="shard-00000.tar .* cannot be replayed"):
+        Trainer(cfg)
+
+
+def test_follow_mode_on_an_incomplete_run_logs_and_stops_by_its_timeout(train_run, tmp_path, caplog):
+    import logging
+
+    run = copy_run(train_run, tmp_path / "incomplete", parts=1, status="incomplete")
+    cfg = config(run, tmp_path / "out", micro_batch_size=2, global_batch_size=2, shuffle_buffer=2, follow=True,
+                 max_steps=50, follow_poll_s=0.05, follow_idle_timeout_s=1.0, follow_log_every_s=0.3)
+    started = time.time()
+    with caplog.at_level(logging.INFO, logger="model.training"):
+        summary = Trainer(cfg).fit()
+    assert time.time() - started < 30 and summary["step"] == 2 < summary["total_steps"]  # part 0's 3 examples
+    waiting = [r.getMessage() for r in caplog.records if "follow: waiting for part 1" in r.getMessage()]
+    assert len(waiting) >= 3 and "build incomplete, 1 parts committed" in waiting[0]
+    assert any("stopping after 1s without part 1" in r.getMessage() and "marked incomplete" in r.getMessage()
+               for r in caplog.records)
+    assert any("data ran out at step 2 of 50" in r.getMessage() for r in caplog.records)
+
+
+def test_data_errors_say_what_is_wrong(train_run, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "shards").mkdir(parents=True)
+    (empty / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    with pytest.raises(ValueError, match="no committed shards in"):
+        Trainer(config(empty, tmp_path / "o1"))
+    no_pairs = copy_run(train_run, tmp_path / "no-pairs")
+    for stats in (no_pairs / "shards").glob("*.stats.json"):
+        stats.write_text(json.dumps({**json.loads(stats.read_text()), "num_pairs": 0}))
+    with pytest.raises(ValueError, match="the run has no instruction/answer pairs: build with captioning"):
+        Trainer(config(no_pairs, tmp_path / "o2"))
