@@ -162,3 +162,14 @@ def test_follow_mode_reads_new_parts_and_stops_when_the_build_finishes(train_run
     reader.join(30)
     assert not reader.is_alive()
     assert sorted(got) == sorted(all_keys(resolve_source(train_run)))
+
+
+def test_stream_warns_once_when_the_model_wants_more_frames_than_stored(train_run, caplog):
+    import logging
+
+    stream = ShardStream(resolve_source(train_run), num_frames=8, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="model.training.stream"):
+        examples = list(stream.worker_stream(0))
+    assert len(examples) == 12 and all(len(ex["frames"]) == 8 for ex in examples)
+    warned = [r.getMessage() for r in caplog.records if "frames are repeated" in r.getMessage()]
+    assert len(warned) == 1 and "holds 4 frames but the model takes 8" in warned[0]

@@ -158,16 +158,23 @@ def test_killed_trainer_resumes_step_lr_schedule_and_data_position(train_run, tm
         log_sample_keys=True, use_gpu=False, num_cpus=2)))
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(cfg_path), "--no-progress"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    stderr = open(tmp_path / "driver.err", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.time() + 180
     while latest_checkpoint(out / "checkpoints") is None and time.time() < deadline:
         assert proc.poll() is None, "the trainer exited before it could be killed"
         time.sleep(0.02)
     actor_pid = int((out / "ranks" / "rank-0.pid").read_text())  # the trainer actor's process
     os.kill(actor_pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)  # and the driver with its local Ray
-    proc.wait()
+    assert proc.wait(timeout=120) == 3  # the driver ends on its own: one line, exit 3, no traceback
+    stderr.seek(0)
+    err = stderr.read()
+    assert "the training worker died" in err and "run the same command again to resume" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of its local Ray is left
+    except ProcessLookupError:
+        pass
     while _alive(actor_pid) and time.time() < deadline:
         time.sleep(0.05)
     assert not _alive(actor_pid)
