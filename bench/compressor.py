@@ -10,6 +10,10 @@ process per case; on CUDA it is `torch.cuda.max_memory_allocated`.
 
     python bench/compressor.py                       # 32 and 128 frames, CPU (+ CUDA when present)
     python bench/compressor.py --frames 32 --repeats 3 --devices cuda
+    python bench/compressor.py --frames 32 --repeats 5 --pe-compare   # position table: per-forward copy vs buffer
+
+`--pe-compare` also times `hicom-pe-copy`: the same compressor with the earlier position-table path (a
+cached CPU table copied to the device on every forward) against the device buffer kept per shape now.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn  # noqa: E402
 
 from model.compressor import HicomCompressor  # noqa: E402
 from model.config import CompressorConfig  # noqa: E402
+from model.global_compressor import position_encoding_3d  # noqa: E402
 
 logger = logging.getLogger("bench.compressor")
 SIDE, VISION_DIM, LLM_DIM = 27, 1152, 3584
@@ -51,8 +56,17 @@ def run_case(kind: str, frames: int, device: str, repeats: int, threads: int | N
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if kind == "hicom":
+    if kind in ("hicom", "hicom-pe-copy"):
         model = HicomCompressor(CompressorConfig()).to(device)
+        if kind == "hicom-pe-copy":  # the earlier path: CPU table, copied to the device on every forward
+            cpu_tables: dict = {}
+
+            def copy_per_forward(t, h, w, dev, dtype):
+                if (t, h, w) not in cpu_tables:
+                    cpu_tables[(t, h, w)] = position_encoding_3d(t, h, w, VISION_DIM)
+                return cpu_tables[(t, h, w)].to(device=dev, dtype=dtype)
+
+            model.global_compressor.position_table = copy_per_forward
     else:  # mlp2x_gelu baseline: every frame token through Linear-GELU-Linear
         model = nn.Sequential(nn.Linear(VISION_DIM, LLM_DIM), nn.GELU(), nn.Linear(LLM_DIM, LLM_DIM)).to(device)
     value = torch.randn(1, frames, SIDE, SIDE, VISION_DIM, device=device)
@@ -61,7 +75,7 @@ def run_case(kind: str, frames: int, device: str, repeats: int, threads: int | N
 
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(value, key, guide) if kind == "hicom" else model(value.flatten(1, 3))
+        out = model(value, key, guide) if kind.startswith("hicom") else model(value.flatten(1, 3))
         out.float().square().mean().backward()
         return out.shape[1]
 
@@ -110,6 +124,8 @@ def main() -> None:
     parser.add_argument("--baseline-frames", type=int, nargs="*", default=[32],
                         help="frame counts where the mlp2x_gelu baseline also runs (it is slow on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--pe-compare", action="store_true",
+                        help="also time the earlier per-forward position-table copy (before/after)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -124,6 +140,12 @@ def main() -> None:
         for frames in args.frames:
             row = measure("hicom", frames, device, args.repeats, args.threads)
             results.append(row)
+            if args.pe_compare:
+                before = measure("hicom-pe-copy", frames, device, args.repeats, args.threads)
+                results.append(before)
+                logger.info("%-6s %-13s %3d frames: before (copy per forward) %.4f s, after (device buffer) %.4f s, "
+                            "x%.2f", device, "position table", frames, before["seconds"], row["seconds"],
+                            before["seconds"] / row["seconds"])
             base = None
             if frames in args.baseline_frames:
                 base = measure("mlp2x_gelu", frames, device, args.repeats, args.threads)

@@ -2,19 +2,19 @@
 
 `num_queries` learned queries (optionally replaced or modulated by the instruction, see
 `GuideInjector`) attend with multi-head cross-attention over all T x H x W VALUE tokens plus a fixed
-3-D sin/cos position encoding (sum of a t, an h and a w table; not a parameter, never saved). The
-output is readout(query + attention).
+3-D sin/cos position encoding (sum of a t, an h and a w table; not a parameter, never saved; kept on
+the device per clip shape). The output is readout(query + attention).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
 
 from .config import CompressorConfig
 from .guide import GuideInjector, MultiheadAttention, build_mlp, init_weights
+
+MAX_POS_TABLES = 4  # distinct clip shapes whose tables stay on the device (mixed frame counts in one run)
 
 
 def sincos_table(n: int, dim: int) -> torch.Tensor:
@@ -28,18 +28,13 @@ def sincos_table(n: int, dim: int) -> torch.Tensor:
     return table
 
 
-@functools.lru_cache(maxsize=16)
-def _position_encoding_cpu(t: int, h: int, w: int, dim: int) -> torch.Tensor:
-    table = sincos_table(t, dim)[:, None, None] + sincos_table(h, dim)[None, :, None] + sincos_table(w, dim)[None, None, :]
-    return table.float()
-
-
 def position_encoding_3d(t: int, h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     """(t, h, w, dim) fixed 3-D position encoding, computed in float64 like the release, cast to float32
     and then to `dtype`. Slicing a larger table gives the same values, so no max size is needed."""
     if device is not None and torch.device(device).type == "meta":
         return torch.empty(t, h, w, dim, device="meta", dtype=dtype or torch.float32)
-    return _position_encoding_cpu(t, h, w, dim).to(device=device, dtype=dtype)
+    table = sincos_table(t, dim)[:, None, None] + sincos_table(h, dim)[None, :, None] + sincos_table(w, dim)[None, None, :]
+    return table.float().to(device=device, dtype=dtype)
 
 
 class GlobalCompressor(nn.Module):
@@ -58,6 +53,20 @@ class GlobalCompressor(nn.Module):
         self.attn_layer = MultiheadAttention(dim, dim // cfg.head_dim)
         self.readout = build_mlp(cfg.mlp_depth, dim, cfg.llm_dim)
         self.apply(init_weights)  # `query` stays zero, as in the release
+        # position tables already on their device, per (t, h, w, device, dtype): built once, never copied per
+        # forward (the release keeps one as a buffer); not parameters and never saved
+        self._pos_tables: dict[tuple, torch.Tensor] = {}
+
+    def position_table(self, t: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(t, h, w, D) position encoding on `device`, built on first use of that shape; the last
+        `MAX_POS_TABLES` shapes are kept (one table is ~107 MB at 32 frames in float32)."""
+        key = (t, h, w, torch.device(device), dtype)
+        table = self._pos_tables.get(key)
+        if table is None:
+            if len(self._pos_tables) >= MAX_POS_TABLES:
+                self._pos_tables.pop(next(iter(self._pos_tables)))
+            table = self._pos_tables[key] = position_encoding_3d(t, h, w, self.embed_dim, device, dtype)
+        return table
 
     def queries(self, batch: int, guide: torch.Tensor | None, guide_tokens: torch.Tensor | None) -> torch.Tensor:
         """(B, num_queries, D) queries after instruction injection. With `direct` every query is the
@@ -71,7 +80,7 @@ class GlobalCompressor(nn.Module):
                 guide_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """value (B, T, H, W, D) -> (B, num_queries, llm_dim)."""
         b, t, h, w, d = value.shape
-        kv = value + position_encoding_3d(t, h, w, d, value.device, value.dtype)
+        kv = value + self.position_table(t, h, w, value.device, value.dtype)
         kv = kv.reshape(b, t * h * w, d)
         q = self.queries(b, guide, guide_tokens)
         return self.readout(q + self.attn_layer(q, kv, kv))

@@ -222,3 +222,17 @@ def test_batch_equals_single_examples():
     batched = model(value, key, guide)
     for i in range(3):
         torch.testing.assert_close(batched[i:i + 1], model(value[i:i + 1], key[i:i + 1], guide[i:i + 1]))
+
+
+def test_position_table_is_built_once_per_shape_on_the_device():
+    from model.global_compressor import MAX_POS_TABLES, GlobalCompressor
+
+    gc = GlobalCompressor(CompressorConfig(spec="global4", vision_dim=32, key_dim=32, text_dim=32, llm_dim=16,
+                                           head_dim=8, use_guide="none"))
+    first = gc.position_table(3, 4, 5, torch.device("cpu"), torch.float32)
+    assert gc.position_table(3, 4, 5, torch.device("cpu"), torch.float32) is first  # no rebuild, no copy
+    torch.testing.assert_close(first, position_encoding_3d(3, 4, 5, 32))
+    assert gc.position_table(3, 4, 5, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+    for t in range(2, 2 + MAX_POS_TABLES + 2):
+        gc.position_table(t, 4, 5, torch.device("cpu"), torch.float32)
+    assert len(gc._pos_tables) == MAX_POS_TABLES and "_pos_tables" not in str(list(gc.state_dict()))
