@@ -3,6 +3,7 @@ workers, SIGKILL + resume, follow mode, configs."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,8 +170,10 @@ def test_killed_trainer_resumes_step_lr_schedule_and_data_position(train_run, tm
     assert proc.wait(timeout=120) == 3  # the driver ends on its own: one line, exit 3, no traceback
     stderr.seek(0)
     err = stderr.read()
-    assert "the training worker died" in err and "run the same command again to resume" in err, err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
+    # the driver's own lines (Ray also forwards the dead actor's log lines, prefixed "(TrainerActor pid=...)")
+    own = [line for line in err.splitlines() if line.strip() and not re.match(r"(\x1b\[\d+m)?\(\w+ pid=\d+", line)]
+    assert "Traceback" not in "\n".join(own), err[-3000:]
+    assert "the training worker died" in own[-1] and "run the same command again to resume" in own[-1], err[-2000:]
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever of its local Ray is left
     except ProcessLookupError:
@@ -340,3 +343,14 @@ def test_data_errors_say_what_is_wrong(train_run, tmp_path):
         stats.write_text(json.dumps({**json.loads(stats.read_text()), "num_pairs": 0}))
     with pytest.raises(ValueError, match="the run has no instruction/answer pairs: build with captioning"):
         Trainer(config(no_pairs, tmp_path / "o2"))
+
+
+def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, caplog):
+    from pipeline.cli import main
+
+    cfg_path = tmp_path / "train.yaml"
+    cfg_path.write_text(json.dumps({"preset": "tiny", "shards": str(tmp_path), "output_dir": str(tmp_path / "o")}))
+    with caplog.at_level("ERROR"):
+        assert main(["train", str(cfg_path), "--follow", "--no-progress"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and "follow mode needs max_steps" in errors[0]
