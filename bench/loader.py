@@ -2,8 +2,8 @@
 
 Every approach turns each clip into 32 frames of 384 x 384, padded to square with the mean colour, with the
 same number of DataLoader worker processes (one clip per item, torch and decoders single-threaded):
-  ours           `model.training.stream.ShardStream`: read the WebDataset tar, decode the 32 stored JPEGs (already padded
-                 and resized by the pipeline), uint8 out (the trainer normalises on the device)
+  ours           `model.training.stream.ShardStream`: read the WebDataset tar, decode the 32 stored JPEGs
+                 (already padded and resized by the pipeline), uint8 out (the trainer normalises on the device)
   ours+norm      the same, normalised to float32 in the worker
   release/<dec>  the release's approach (VideoLLaMA2 `process_video`): open the clip's mp4, decode 32 uniformly
                  sampled frames (decord 0.6.0, as the release, or PyAV), pad to square, resize to 384 (bicubic),

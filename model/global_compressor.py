@@ -33,7 +33,8 @@ def position_encoding_3d(t: int, h: int, w: int, dim: int, device=None, dtype=No
     and then to `dtype`. Slicing a larger table gives the same values, so no max size is needed."""
     if device is not None and torch.device(device).type == "meta":
         return torch.empty(t, h, w, dim, device="meta", dtype=dtype or torch.float32)
-    table = sincos_table(t, dim)[:, None, None] + sincos_table(h, dim)[None, :, None] + sincos_table(w, dim)[None, None, :]
+    table = (sincos_table(t, dim)[:, None, None] + sincos_table(h, dim)[None, :, None]
+             + sincos_table(w, dim)[None, None, :])
     return table.float().to(device=device, dtype=dtype)
 
 
