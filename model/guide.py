@@ -97,10 +97,14 @@ class GuideInjector(nn.Module):
     def start_as_identity(self) -> None:
         """Zero the layer that writes into the query (FiLM's last Linear, fine's out_proj), so a newly added
         injector starts as LayerNorm(query) and learns from there (used when it joins stage-1 weights)."""
-        last = self.coarse_proj[-1] if self.mode == "coarse" else self.fine_proj.out_proj if self.mode == "fine" else None
-        if last is not None:
-            last.weight.zero_()
-            last.bias.zero_()
+        if self.mode == "coarse":
+            last = self.coarse_proj[-1]
+        elif self.mode == "fine":
+            last = self.fine_proj.out_proj
+        else:
+            return  # `direct` has nothing that writes into the query
+        last.weight.zero_()
+        last.bias.zero_()
 
     def forward(self, query: torch.Tensor, guide: torch.Tensor | None,
                 guide_tokens: torch.Tensor | None) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The training loop shared by the single Ray actor and every Ray Train (DDP) worker.
 
 `Trainer(cfg, rank, world_size, device).fit()` builds the model (from stage-1 weights when given), trains only
-the compressor with AdamW (two LR groups: compressor, condition injector) + cosine warmup, accumulates micro-batches to the global batch, checkpoints (see `state`) and resumes
-from the latest checkpoint: step, LR schedule and each loader stream's position continue where they
-stopped. With world_size > 1 it expects `torch.distributed` to be initialised (Ray Train does it).
+the compressor with AdamW (two LR groups: compressor, condition injector) + cosine warmup, accumulates
+micro-batches to the global batch, checkpoints (see `state`) and resumes from the latest checkpoint: step, LR
+schedule and each loader stream's position continue where they stopped, on the epoch's recorded shard list.
+With world_size > 1 it expects `torch.distributed` to be initialised (Ray Train does it).
 
 Uneven data across ranks: before every micro-batch the ranks agree (all-reduce MIN) that each still has
 one, so all ranks stop together; a last partial accumulation group is averaged and stepped.
@@ -34,6 +35,8 @@ from .state import StepLog, group_lrs, latest_checkpoint, load_checkpoint, make_
 from .stream import ShardStream, count_examples, make_loader, normalise_pixels
 
 logger = logging.getLogger(__name__)
+
+
 def model_config(cfg: TrainConfig):
     """HicomConfig for a TrainConfig (preset + overrides)."""
     overrides = {k: getattr(cfg, k) for k in ("num_frames", "max_length") if getattr(cfg, k) is not None}
@@ -183,16 +186,18 @@ class Trainer:
         if set(now) == set(self.epoch_shards) or self.cfg.max_steps is not None:
             if set(now) != set(self.epoch_shards):
                 logger.warning("the run has %d shards, the checkpoint's epoch was planned on %d: this epoch replays "
-                               "the recorded ones, later epochs read all %d", len(now), len(self.epoch_shards), len(now))
+                               "the recorded ones, later epochs read all %d", len(now), len(self.epoch_shards),
+                               len(now))
             return total
         counts = example_counts(self.cfg, sorted(set(now) | set(self.epoch_shards)))
         epoch, step = saved["epoch"], saved["step"]
-        left = epoch_steps(self.cfg, self.epoch_shards, self.world, epoch, counts) - (step - saved["epoch_start_step"])
+        done = step - saved["epoch_start_step"]
+        left = epoch_steps(self.cfg, self.epoch_shards, self.world, epoch, counts) - done
         later = sum(epoch_steps(self.cfg, now, self.world, e, counts) for e in range(epoch + 1, self.cfg.epochs))
         new_total = step + left + later
         logger.warning("the run grew from %d to %d shards since the checkpoint: epoch %d replays its %d recorded "
-                       "shards, later epochs read all %d; the schedule grows from %d to %d steps", len(self.epoch_shards),
-                       len(now), epoch, len(self.epoch_shards), len(now), total, new_total)
+                       "shards, later epochs read all %d; the schedule grows from %d to %d steps",
+                       len(self.epoch_shards), len(now), epoch, len(self.epoch_shards), len(now), total, new_total)
         return new_total
 
     # --- distributed helpers ------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def test_paper_mode_starts_from_a_release_stage1_file_and_trains_two_lr_groups(t
     assert json.loads((ckpt / "trainer_state.json").read_text())["lr_groups"] == {"compressor": 1e-3,
                                                                                   "guide_injector": 1e-2}
     opt = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]
-    assert [(g["name"], g["initial_lr"]) for g in opt["param_groups"]] == [("compressor", 1e-3), ("guide_injector", 1e-2)]
+    assert [(g["name"], g["initial_lr"]) for g in opt["param_groups"]] == [("compressor", 1e-3),
+                                                                          ("guide_injector", 1e-2)]
     with pytest.raises(ValueError, match="learning rates"):
         Trainer(cfg.model_copy(update={"guide_injector_lr": 1e-3}))
 
