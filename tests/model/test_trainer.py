@@ -355,3 +355,18 @@ def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, caplog):
         assert main(["train", str(cfg_path), "--follow", "--no-progress"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0] and "follow mode needs max_steps" in errors[0]
+
+
+def test_an_error_inside_the_trainer_actor_reaches_the_cli_as_one_line(tmp_path, caplog, ray_local):
+    from pipeline.cli import main
+
+    empty = tmp_path / "empty"
+    (empty / "shards").mkdir(parents=True)
+    (empty / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    cfg_path = tmp_path / "train.yaml"
+    cfg_path.write_text(json.dumps({"preset": "tiny", "shards": str(empty), "output_dir": str(tmp_path / "o"),
+                                    "use_gpu": False}))
+    with caplog.at_level("ERROR"):
+        assert main(["train", str(cfg_path), "--no-progress"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"no committed shards in {empty}"]
