@@ -13,10 +13,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ffmpeg
+
 from schemas import reasons
 from schemas.config import ClipConfig
 from schemas.records import ClipRecord, Failure, ShardSample, Span, VideoRecord, VideoResult
-from stages.ffmpeg_tools import SAFE_INPUT_ARGS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
+from stages.ffmpeg_tools import SAFE_DEMUXERS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
 from stages.sampling import frames_in_span, release_frame_indices
 
 log = logging.getLogger(__name__)
@@ -63,51 +65,64 @@ def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | 
     return PlannedClip(record=record, span=span, unique_indices=sorted(set(indices)), copy_mp4=copy)
 
 
-def _mp4_scale(cfg: ClipConfig) -> str:
+def _input(source: str, seek_s: float, threads: int | None = None):
+    """The source as a safe ffmpeg-python input (local file, whitelisted demuxers), seeked to `seek_s`."""
+    options = {"protocol_whitelist": "file", "format_whitelist": SAFE_DEMUXERS, "ss": f"{seek_s:.6f}"}
+    if threads is not None:
+        options["threads"] = threads
+    return ffmpeg.input(source, **options)
+
+
+def _mp4_scale(stream, cfg: ClipConfig):
     side = cfg.mp4_max_side_px
-    return (f"scale=w='if(gte(iw,ih),trunc(min({side},iw)/2)*2,-2)':"
-            f"h='if(gte(iw,ih),-2,trunc(min({side},ih)/2)*2)'")
+    return stream.filter("scale", w=f"if(gte(iw,ih),trunc(min({side},iw)/2)*2,-2)",
+                         h=f"if(gte(iw,ih),-2,trunc(min({side},ih)/2)*2)").filter("setsar", 1)
 
 
-def _frames_chain(clip: PlannedClip, cfg: ClipConfig) -> str:
+def _frames_chain(stream, clip: PlannedClip, cfg: ClipConfig):
     select = "+".join(f"eq(n,{i})" for i in clip.unique_indices)
     color = "0x{:02X}{:02X}{:02X}".format(*cfg.pad_rgb)
     size = cfg.frame_size_px
-    return (f"select='{select}',pad=w='max(iw,ih)':h='max(iw,ih)':x='(ow-iw)/2':y='(oh-ih)/2':color={color},"
-            f"scale={size}:{size}:flags=bicubic,setsar=1")
+    return (stream.filter("select", select)
+            .filter("pad", w="max(iw,ih)", h="max(iw,ih)", x="(ow-iw)/2", y="(oh-ih)/2", color=color)
+            .filter("scale", size, size, flags="bicubic")
+            .filter("setsar", 1))
 
 
 def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdir: Path) -> list[str]:
-    """One FFmpeg command that decodes `source` once and writes every clip of the batch."""
+    """One FFmpeg command that decodes `source` once and writes every clip of the batch.
+
+    Built with ffmpeg-python's graph builder (labels, escaping) and run by our own `run_tool`.
+    """
     seek = max(0.0, clips[0].span.start_s - _SEEK_MARGIN_S)
-    chains = [f"[0:v:0]split={len(clips)}" + "".join(f"[in{i}]" for i in range(len(clips)))]
-    outputs: list[str] = []
+    branches = _input(source, seek, cfg.ffmpeg_threads)["v:0"].filter_multi_output("split", len(clips))
+    outputs = []
     for i, clip in enumerate(clips):
         a, b = clip.span.start_s - seek - _EPS_S, clip.span.end_s - seek - _EPS_S
-        trim = f"[in{i}]trim=start={max(a, 0.0):.6f}:end={b:.6f},setpts=PTS-STARTPTS"
+        trimmed = (branches.stream(i).filter("trim", start=f"{max(a, 0.0):.6f}", end=f"{b:.6f}")
+                   .filter("setpts", "PTS-STARTPTS"))
         if cfg.write_mp4 and not clip.copy_mp4:
-            chains.append(f"{trim},split=2[m{i}][f{i}]")
-            chains.append(f"[m{i}]{_mp4_scale(cfg)},setsar=1[mp4_{i}]")
-            outputs += ["-map", f"[mp4_{i}]", "-c:v", "libx264", "-threads", str(cfg.ffmpeg_threads),
-                        "-preset", cfg.mp4_preset, "-crf",
-                        str(cfg.mp4_crf), "-pix_fmt", "yuv420p", "-an", "-movflags", "+faststart",
-                        str(workdir / f"{i}.mp4")]
-        else:
-            chains.append(f"{trim}[f{i}]")
-        chains.append(f"[f{i}]{_frames_chain(clip, cfg)}[jpg_{i}]")
-        outputs += ["-map", f"[jpg_{i}]", "-fps_mode", "passthrough", "-q:v", str(cfg.jpeg_qscale),
-                    str(workdir / f"{i}_%03d.jpg")]
-    return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", "-threads", str(cfg.ffmpeg_threads),
-            *SAFE_INPUT_ARGS, "-ss", f"{seek:.6f}", "-i", source,
-            "-filter_complex", ";".join(chains), "-filter_complex_threads", str(cfg.ffmpeg_threads),
-            *outputs]
+            both = trimmed.filter_multi_output("split", 2)
+            outputs.append(ffmpeg.output(
+                _mp4_scale(both.stream(0), cfg), str(workdir / f"{i}.mp4"),
+                **{"c:v": "libx264", "threads": cfg.ffmpeg_threads, "preset": cfg.mp4_preset, "crf": cfg.mp4_crf,
+                   "pix_fmt": "yuv420p", "an": None, "movflags": "+faststart"}))
+            trimmed = both.stream(1)
+        outputs.append(ffmpeg.output(_frames_chain(trimmed, clip, cfg), str(workdir / f"{i}_%03d.jpg"),
+                                     **{"fps_mode": "passthrough", "q:v": cfg.jpeg_qscale}))
+    graph = ffmpeg.merge_outputs(*outputs).global_args(
+        "-hide_banner", "-nostdin", "-v", "error", "-filter_complex_threads", str(cfg.ffmpeg_threads))
+    return graph.compile(cmd=ffmpeg_binary())
 
 
 def copy_command(source: str, clip: PlannedClip, out: Path) -> list[str]:
-    return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", *SAFE_INPUT_ARGS,
-            "-ss", f"{clip.span.start_s:.6f}", "-i", source, "-t", f"{clip.span.end_s - clip.span.start_s:.6f}",
-            "-frames:v", str(clip.record.num_clip_frames), "-map", "0:v:0", "-c", "copy", "-an", "-movflags", "+faststart", "-avoid_negative_ts", "make_zero",
-            str(out)]
+    """Stream copy of one clip (it starts on a keyframe and needs no resize)."""
+    duration = clip.span.end_s - clip.span.start_s
+    return (ffmpeg.output(_input(source, clip.span.start_s)["v:0"], str(out),
+                          **{"t": f"{duration:.6f}", "frames:v": clip.record.num_clip_frames, "c": "copy",
+                             "an": None, "movflags": "+faststart", "avoid_negative_ts": "make_zero"})
+            .global_args("-hide_banner", "-nostdin", "-v", "error")
+            .compile(cmd=ffmpeg_binary()))
 
 
 def _collect(clip: PlannedClip, index: int, workdir: Path) -> tuple[list[bytes], int]:
