@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 STAGE = "clip_decode"
 RESOURCES = {"num_cpus": 1}
 _SEEK_MARGIN_S = 1.0  # seek this far before the first clip so the accurate seek never drops its first frame
-_EPS_S = 1e-3  # well under any frame interval: keeps trims from catching a neighbouring frame
+_EPS_S = 1e-3  # well under any frame interval: a keyframe at the clip start matches within this
 
 
 @dataclass
@@ -36,6 +36,8 @@ class PlannedClip:
     span: Span
     unique_indices: list[int]  # sorted distinct frame indices to decode
     copy_mp4: bool
+    first_frame_s: float  # presentation time of the clip's first frame
+    next_frame_s: float | None  # of the source's first frame after the clip (None: the clip runs to the end)
 
 
 def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | None:
@@ -62,7 +64,9 @@ def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | 
         mp4_stream_copied=copy,
         caption=span.caption,
     )
-    return PlannedClip(record=record, span=span, unique_indices=sorted(set(indices)), copy_mp4=copy)
+    after = [t for t in probe.frame_times_s if t > times[-1]]
+    return PlannedClip(record=record, span=span, unique_indices=sorted(set(indices)), copy_mp4=copy,
+                       first_frame_s=times[0], next_frame_s=after[0] if after else None)
 
 
 def _input(source: str, seek_s: float, threads: int | None = None):
@@ -85,8 +89,12 @@ def _frames_chain(stream, clip: PlannedClip, cfg: ClipConfig):
     size = cfg.frame_size_px
     return (stream.filter("select", select)
             .filter("pad", w="max(iw,ih)", h="max(iw,ih)", x="(ow-iw)/2", y="(oh-ih)/2", color=color)
-            .filter("scale", size, size, flags="bicubic")
-            .filter("setsar", 1))
+            # JPEG (JFIF) is full-range BT.601: convert from the source's tagged matrix and range, which format
+            # negotiation alone ignores (BT.709 sources came out shifted). Untagged sources read as BT.601.
+            .filter("scale", size, size, flags="bicubic", in_color_matrix="auto", in_range="auto",
+                    out_color_matrix="bt601", out_range="pc")
+            .filter("setsar", 1)
+            .filter("format", "yuvj420p"))
 
 
 def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdir: Path) -> list[str]:
@@ -98,15 +106,19 @@ def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdi
     branches = _input(source, seek, cfg.ffmpeg_threads)["v:0"].filter_multi_output("split", len(clips))
     outputs = []
     for i, clip in enumerate(clips):
-        a, b = clip.span.start_s - seek - _EPS_S, clip.span.end_s - seek - _EPS_S
-        trimmed = (branches.stream(i).filter("trim", start=f"{max(a, 0.0):.6f}", end=f"{b:.6f}")
-                   .filter("setpts", "PTS-STARTPTS"))
+        # Trim on exact frame times: trim rounds to the stream's time base, so a bound between two frames
+        # of a coarse time base (AVI: 1/25 s) could catch the neighbouring frame.
+        bounds = {"start": f"{max(clip.first_frame_s - seek, 0.0):.6f}"}
+        if clip.next_frame_s is not None:
+            bounds["end"] = f"{clip.next_frame_s - seek:.6f}"
+        trimmed = branches.stream(i).filter("trim", **bounds).filter("setpts", "PTS-STARTPTS")
         if cfg.write_mp4 and not clip.copy_mp4:
             both = trimmed.filter_multi_output("split", 2)
             outputs.append(ffmpeg.output(
                 _mp4_scale(both.stream(0), cfg), str(workdir / f"{i}.mp4"),
                 **{"c:v": "libx264", "threads": cfg.ffmpeg_threads, "preset": cfg.mp4_preset, "crf": cfg.mp4_crf,
-                   "pix_fmt": "yuv420p", "an": None, "movflags": "+faststart"}))
+                   "pix_fmt": "yuv420p", "an": None, "movflags": "+faststart",
+                   "fps_mode": "passthrough"}))  # the source's frame times, as in the index (VFR, gaps)
             trimmed = both.stream(1)
         outputs.append(ffmpeg.output(_frames_chain(trimmed, clip, cfg), str(workdir / f"{i}_%03d.jpg"),
                                      **{"fps_mode": "passthrough", "q:v": cfg.jpeg_qscale}))
@@ -140,11 +152,12 @@ def mp4_size(width: int, height: int, cfg: ClipConfig, copied: bool) -> tuple[in
     if copied:
         return width, height
     side = cfg.mp4_max_side_px
+    # FFmpeg's scale takes a dimension that evaluates to 0 as the input's (a 2000x2 source gives 384x2).
     if width >= height:
         w = min(side, width) // 2 * 2
-        return w, int(height * w / (width * 2) + 0.5) * 2
+        return w, int(height * w / (width * 2) + 0.5) * 2 or height
     h = min(side, height) // 2 * 2
-    return int(width * h / (height * 2) + 0.5) * 2, h
+    return int(width * h / (height * 2) + 0.5) * 2 or width, h
 
 
 def decode_batch(video: VideoRecord, clips: list[PlannedClip], cfg: ClipConfig,
