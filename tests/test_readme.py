@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -88,11 +89,13 @@ def test_every_readme_command_runs_as_printed(tmp_path, stub):
         if reason:
             skipped.append(f"{command}  ({reason})")
             continue
+        started = time.monotonic()
         proc = subprocess.run(["bash", "-c", _stand_in(command, stub.base_url)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stderr[-3000:]}"
-        ran.append(command)
+        ran.append(f"{time.monotonic() - started:5.1f}s  {command}")
     SUMMARY_LINES.append(f"README commands: {len(ran)} ran as printed, {len(skipped)} skipped by name:")
+    SUMMARY_LINES.extend(f"  ran {line}" for line in ran)
     SUMMARY_LINES.extend(f"  skipped: {line}" for line in skipped)
     assert len(skipped) == len(SKIPPED)  # each named exception still exists in the README
     assert (tmp_path / "out" / "train.json").exists() and (tmp_path / "runs" / "m-train").is_dir()
