@@ -56,9 +56,10 @@ def _check_input_kind(args, cfg) -> None:
 _START_FILES = {"config.yaml", "manifest.json", "logs"}  # all a run holds before its first result
 
 
-def _remove_if_empty_run(run_dir: Path) -> None:
-    """A build that failed at start leaves no run directory behind (nor its logs/). Anything a run produced
-    (shards, failures, the LLM response cache) keeps the directory, so a rerun resumes from it."""
+def _remove_if_empty_run(run_dir: Path, created: Path) -> None:
+    """A build that failed at start leaves no run directory behind (nor its logs/): `created` is the topmost
+    folder this command made for it. Anything a run produced (shards, failures, the LLM response cache)
+    keeps the directory, so a rerun resumes from it."""
     if not run_dir.is_dir():
         return
     produced = (p for p in run_dir.rglob("*") if p.is_file() and p.relative_to(run_dir).parts[0] not in _START_FILES)
@@ -68,7 +69,7 @@ def _remove_if_empty_run(run_dir: Path) -> None:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir.resolve()):
             handler.close()
             logging.getLogger().removeHandler(handler)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(created, ignore_errors=True)
 
 
 def _build_with(args, overrides: dict, out: str | None) -> int:
@@ -82,13 +83,13 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     cfg = load_run_config(args.config, overrides)
     _check_input_kind(args, cfg)
     run_dir = Path(out or Path("runs") / cfg.name)
-    created = not run_dir.exists()
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     _setup_logging(None if args.dry_run else run_dir, args.verbose)
     try:
         report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     except Exception:
-        if created:
-            _remove_if_empty_run(run_dir)
+        if created is not None:
+            _remove_if_empty_run(run_dir, created)
         raise
     _print_build(report, args.dry_run)
     if report.deferred:

@@ -105,7 +105,7 @@ def test_start_errors_are_one_line_exit_2_and_leave_no_run_dir(tmp_path):
     assert "input.kind: manifest" in errors[0] and "configs/folder.yaml" in errors[0] and "--set input.kind" in errors[0]
     assert not run.exists()
     proc = hicom("build", "configs/folder.yaml", "--input", str(tmp_path / "missing"), "--out", str(run), check=False)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and not run.exists()
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "runs").exists()
     proc = hicom("build", "--input", str(videos), "--out", str(run), "--set", "clip.num_frames", check=False)
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr and not run.exists()
     proc = hicom("export-llava", str(tmp_path / "runs"), str(tmp_path / "out" / "train.json"), check=False)
