@@ -33,14 +33,13 @@ USES_EMBEDDED_LLM = "configs/demo.yaml"  # stand-in: the stub OpenAI server inst
 
 
 def readme_commands() -> list[str]:
-    """Each command line of every ```bash block, comments stripped, in README order."""
+    """Each command line of every ```bash block, exactly as printed (bash skips the trailing comments)."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
-            tokens = shlex.split(line, comments=True)
-            if tokens:
-                commands.append(shlex.join(tokens))
+            if shlex.split(line, comments=True):
+                commands.append(line.strip())
     return commands
 
 
@@ -65,9 +64,9 @@ def _inputs(cwd) -> None:
 
 def _stand_in(command: str, stub_url: str) -> str:
     """The command with what the test cannot have replaced; unchanged when it needs nothing."""
-    if USES_EMBEDDED_LLM in command:
-        command += (f" --set captioning.embedded_server.enabled=false"
-                    f" --set captioning.instruct.endpoint.base_url={stub_url}")
+    if USES_EMBEDDED_LLM in command:  # the extra options go before the README's trailing comment
+        command = (command.partition("  #")[0] + " --set captioning.embedded_server.enabled=false"
+                   f" --set captioning.instruct.endpoint.base_url={stub_url}")
     for name, value in PLACEHOLDERS.items():
         command = command.replace(name, value)
     return command
@@ -87,13 +86,13 @@ def test_every_readme_command_runs_as_printed(tmp_path, stub):
     for command in commands:
         reason = next((why for key, why in SKIPPED.items() if key in command), None)
         if reason:
-            skipped.append(f"{command}  ({reason})")
+            skipped.append(f"{command.partition('  #')[0]}  ({reason})")
             continue
         started = time.monotonic()
         proc = subprocess.run(["bash", "-c", _stand_in(command, stub.base_url)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stderr[-3000:]}"
-        ran.append(f"{time.monotonic() - started:5.1f}s  {command}")
+        ran.append(f"{time.monotonic() - started:5.1f}s  {command.partition('  #')[0]}")
     SUMMARY_LINES.append(f"README commands: {len(ran)} ran as printed, {len(skipped)} skipped by name:")
     SUMMARY_LINES.extend(f"  ran {line}" for line in ran)
     SUMMARY_LINES.extend(f"  skipped: {line}" for line in skipped)
