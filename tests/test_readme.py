@@ -86,13 +86,13 @@ def test_every_readme_command_runs_as_printed(tmp_path, stub):
     for command in commands:
         reason = next((why for key, why in SKIPPED.items() if key in command), None)
         if reason:
-            skipped.append(f"{command.partition('  #')[0]}  ({reason})")
+            skipped.append(f"{command.partition('  #')[0].rstrip()}  ({reason})")
             continue
         started = time.monotonic()
         proc = subprocess.run(["bash", "-c", _stand_in(command, stub.base_url)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stderr[-3000:]}"
-        ran.append(f"{time.monotonic() - started:5.1f}s  {command.partition('  #')[0]}")
+        ran.append(f"{time.monotonic() - started:5.1f}s  {command.partition('  #')[0].rstrip()}")
     SUMMARY_LINES.append(f"README commands: {len(ran)} ran as printed, {len(skipped)} skipped by name:")
     SUMMARY_LINES.extend(f"  ran {line}" for line in ran)
     SUMMARY_LINES.extend(f"  skipped: {line}" for line in skipped)
