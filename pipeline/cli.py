@@ -4,24 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
-import yaml
+from schemas.overrides import parse_set_options
 
 log = logging.getLogger("hicom")
 EXIT_INCOMPLETE = 3  # the run stopped cleanly but left work for a rerun
-
-
-def _parse_sets(pairs: list[str]) -> dict:
-    """`--set split.mode=fixed` -> {"split.mode": "fixed"} (values parsed as YAML scalars)."""
-    out = {}
-    for item in pairs or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
@@ -49,18 +39,58 @@ def _print_build(report, dry_run: bool) -> None:
         print(f"llm {stage}: {usage}")
 
 
+def _check_input_kind(args, cfg) -> None:
+    """A config that pins `input.kind` must agree with what `--input` is; say which option to change."""
+    from stages.ingest import detect_kind
+
+    given = getattr(args, "input", None)
+    if not given or cfg.input.kind == "auto" or not Path(given).exists():
+        return
+    found = detect_kind(Path(given))
+    if found != cfg.input.kind:
+        suggestion = "configs/folder.yaml" if found == "directory" else "a config for that input"
+        raise ValueError(f"{args.config or 'the config'} sets input.kind: {cfg.input.kind}, but --input {given} is "
+                         f"a {found}: use {suggestion} or add --set input.kind=auto")
+
+
+_START_FILES = {"config.yaml", "manifest.json", "logs"}  # all a run holds before its first result
+
+
+def _remove_if_empty_run(run_dir: Path, created: Path) -> None:
+    """A build that failed at start leaves no run directory behind (nor its logs/): `created` is the topmost
+    folder this command made for it. Anything a run produced (shards, failures, the LLM response cache)
+    keeps the directory, so a rerun resumes from it."""
+    if not run_dir.is_dir():
+        return
+    produced = (p for p in run_dir.rglob("*") if p.is_file() and p.relative_to(run_dir).parts[0] not in _START_FILES)
+    if next(produced, None) is not None:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir.resolve()):
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(created, ignore_errors=True)
+
+
 def _build_with(args, overrides: dict, out: str | None) -> int:
     """Shared by build and rebuild: config + --set + --address, then a (resumable) build."""
     from pipeline.build import build
     from schemas.config import load_run_config
 
-    overrides = {**_parse_sets(args.set), **overrides}
+    overrides = {**parse_set_options(args.set), **overrides}
     if args.address:
         overrides["ray.address"] = args.address
     cfg = load_run_config(args.config, overrides)
+    _check_input_kind(args, cfg)
     run_dir = Path(out or Path("runs") / cfg.name)
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     _setup_logging(None if args.dry_run else run_dir, args.verbose)
-    report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
+    try:
+        report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
+    except Exception:
+        if created is not None:
+            _remove_if_empty_run(run_dir, created)
+        raise
     _print_build(report, args.dry_run)
     if report.deferred:
         log.warning("%d videos were not committed because an LLM endpoint was unavailable; rerun the same "
@@ -100,6 +130,10 @@ def cmd_export(args) -> int:
 
     counts = export_llava(args.run_dir, args.out_json, args.clip_root, progress=not args.no_progress)
     print(json.dumps(counts))
+    if counts["samples"] == 0:
+        log.warning("%s has no instruction/answer pairs, so %s is an empty list: build with a manifest that has "
+                    "captions, a `captioning:` config (configs/demo.yaml), or run `hicom caption`",
+                    args.run_dir, args.out_json)
     return 0
 
 

@@ -25,11 +25,11 @@ def export_llava(run_dir: str | Path, out_json: str | Path, clip_root: str | Pat
     """Write the LLaVA JSON and one mp4 per clip; returns counts. Clips without an mp4 are skipped."""
     out_json = Path(out_json)
     clip_root = Path(clip_root) if clip_root else out_json.with_suffix("").with_name(out_json.stem + "_clips")
-    clip_root.mkdir(parents=True, exist_ok=True)
     entries, clips, skipped = [], 0, 0
     tars = committed_tars(run_dir)
     if not tars:
         raise FileNotFoundError(f"no committed shards under {run_dir}/shards")
+    clip_root.mkdir(parents=True, exist_ok=True)
     dataset = wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False)
     for sample in tqdm(dataset, desc="export", unit="clip", disable=not progress):
         meta = json.loads(sample["json"])

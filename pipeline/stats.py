@@ -135,6 +135,7 @@ def plot(con: duckdb.DuckDBPyConnection, out_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,12 @@ def plot(con: duckdb.DuckDBPyConnection, out_dir: str | Path) -> list[Path]:
     for name, sql in PLOTS.items():
         values = [r[0] for r in con.execute(sql).fetchall() if r[0] is not None]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(values, bins=min(50, max(5, len(set(values)))), color="#3b6ea5")
+        if values:
+            ax.hist(values, bins=min(50, max(5, len(set(values)))), color="#3b6ea5")
+        else:
+            ax.text(0.5, 0.5, f"no data: no {name} values in this run", ha="center", transform=ax.transAxes)
+            log.warning("plot %s: no data in this run", name)
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # counts are whole numbers
         ax.set_title(f"{name} (n={len(values)})")
         ax.set_xlabel(name)
         ax.set_ylabel("count")

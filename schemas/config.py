@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.caption import CaptioningConfig
+from schemas.overrides import apply_overrides
 
 
 class _Config(BaseModel):
@@ -123,10 +124,4 @@ def load_run_config(path: str | Path | None, overrides: dict | None = None) -> R
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return RunConfig.model_validate(data)
+    return RunConfig.model_validate(apply_overrides(data, overrides))

@@ -9,6 +9,7 @@ UNREADABLE = "unreadable_file"
 BAD_ANNOTATION = "bad_annotation"
 BAD_NAME = "undecodable_file_name"
 UNSUPPORTED_URL = "unsupported_url"
+DUPLICATE_SOURCE = "duplicate_source"  # a second name (symlink) for a file already ingested under its own name
 # probe
 EMPTY_FILE = "empty_file"
 FILE_TOO_LARGE = "file_too_large"

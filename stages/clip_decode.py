@@ -13,17 +13,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ffmpeg
+
 from schemas import reasons
 from schemas.config import ClipConfig
 from schemas.records import ClipRecord, Failure, ShardSample, Span, VideoRecord, VideoResult
-from stages.ffmpeg_tools import SAFE_INPUT_ARGS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
+from stages.ffmpeg_tools import SAFE_DEMUXERS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
 from stages.sampling import frames_in_span, release_frame_indices
 
 log = logging.getLogger(__name__)
 STAGE = "clip_decode"
 RESOURCES = {"num_cpus": 1}
 _SEEK_MARGIN_S = 1.0  # seek this far before the first clip so the accurate seek never drops its first frame
-_EPS_S = 1e-3  # well under any frame interval: keeps trims from catching a neighbouring frame
+_EPS_S = 1e-3  # well under any frame interval: a keyframe at the clip start matches within this
 
 
 @dataclass
@@ -34,6 +36,8 @@ class PlannedClip:
     span: Span
     unique_indices: list[int]  # sorted distinct frame indices to decode
     copy_mp4: bool
+    first_frame_s: float  # presentation time of the clip's first frame
+    next_frame_s: float | None  # of the source's first frame after the clip (None: the clip runs to the end)
 
 
 def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | None:
@@ -60,54 +64,77 @@ def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | 
         mp4_stream_copied=copy,
         caption=span.caption,
     )
-    return PlannedClip(record=record, span=span, unique_indices=sorted(set(indices)), copy_mp4=copy)
+    after = [t for t in probe.frame_times_s if t > times[-1]]
+    return PlannedClip(record=record, span=span, unique_indices=sorted(set(indices)), copy_mp4=copy,
+                       first_frame_s=times[0], next_frame_s=after[0] if after else None)
 
 
-def _mp4_scale(cfg: ClipConfig) -> str:
+def _input(source: str, seek_s: float, threads: int | None = None):
+    """The source as a safe ffmpeg-python input (local file, whitelisted demuxers), seeked to `seek_s`."""
+    options = {"protocol_whitelist": "file", "format_whitelist": SAFE_DEMUXERS, "ss": f"{seek_s:.6f}"}
+    if threads is not None:
+        options["threads"] = threads
+    return ffmpeg.input(source, **options)
+
+
+def _mp4_scale(stream, cfg: ClipConfig):
     side = cfg.mp4_max_side_px
-    return (f"scale=w='if(gte(iw,ih),trunc(min({side},iw)/2)*2,-2)':"
-            f"h='if(gte(iw,ih),-2,trunc(min({side},ih)/2)*2)'")
+    return stream.filter("scale", w=f"if(gte(iw,ih),trunc(min({side},iw)/2)*2,-2)",
+                         h=f"if(gte(iw,ih),-2,trunc(min({side},ih)/2)*2)").filter("setsar", 1)
 
 
-def _frames_chain(clip: PlannedClip, cfg: ClipConfig) -> str:
+def _frames_chain(stream, clip: PlannedClip, cfg: ClipConfig):
     select = "+".join(f"eq(n,{i})" for i in clip.unique_indices)
     color = "0x{:02X}{:02X}{:02X}".format(*cfg.pad_rgb)
     size = cfg.frame_size_px
-    return (f"select='{select}',pad=w='max(iw,ih)':h='max(iw,ih)':x='(ow-iw)/2':y='(oh-ih)/2':color={color},"
-            f"scale={size}:{size}:flags=bicubic,setsar=1")
+    return (stream.filter("select", select)
+            .filter("pad", w="max(iw,ih)", h="max(iw,ih)", x="(ow-iw)/2", y="(oh-ih)/2", color=color)
+            # JPEG (JFIF) is full-range BT.601: convert from the source's tagged matrix and range, which format
+            # negotiation alone ignores (BT.709 sources came out shifted). Untagged sources read as BT.601.
+            .filter("scale", size, size, flags="bicubic", in_color_matrix="auto", in_range="auto",
+                    out_color_matrix="bt601", out_range="pc")
+            .filter("setsar", 1)
+            .filter("format", "yuvj420p"))
 
 
 def batch_command(source: str, clips: list[PlannedClip], cfg: ClipConfig, workdir: Path) -> list[str]:
-    """One FFmpeg command that decodes `source` once and writes every clip of the batch."""
+    """One FFmpeg command that decodes `source` once and writes every clip of the batch.
+
+    Built with ffmpeg-python's graph builder (labels, escaping) and run by our own `run_tool`.
+    """
     seek = max(0.0, clips[0].span.start_s - _SEEK_MARGIN_S)
-    chains = [f"[0:v:0]split={len(clips)}" + "".join(f"[in{i}]" for i in range(len(clips)))]
-    outputs: list[str] = []
+    branches = _input(source, seek, cfg.ffmpeg_threads)["v:0"].filter_multi_output("split", len(clips))
+    outputs = []
     for i, clip in enumerate(clips):
-        a, b = clip.span.start_s - seek - _EPS_S, clip.span.end_s - seek - _EPS_S
-        trim = f"[in{i}]trim=start={max(a, 0.0):.6f}:end={b:.6f},setpts=PTS-STARTPTS"
+        # Trim on exact frame times: trim rounds to the stream's time base, so a bound between two frames
+        # of a coarse time base (AVI: 1/25 s) could catch the neighbouring frame.
+        bounds = {"start": f"{max(clip.first_frame_s - seek, 0.0):.6f}"}
+        if clip.next_frame_s is not None:
+            bounds["end"] = f"{clip.next_frame_s - seek:.6f}"
+        trimmed = branches.stream(i).filter("trim", **bounds).filter("setpts", "PTS-STARTPTS")
         if cfg.write_mp4 and not clip.copy_mp4:
-            chains.append(f"{trim},split=2[m{i}][f{i}]")
-            chains.append(f"[m{i}]{_mp4_scale(cfg)},setsar=1[mp4_{i}]")
-            outputs += ["-map", f"[mp4_{i}]", "-c:v", "libx264", "-threads", str(cfg.ffmpeg_threads),
-                        "-preset", cfg.mp4_preset, "-crf",
-                        str(cfg.mp4_crf), "-pix_fmt", "yuv420p", "-an", "-movflags", "+faststart",
-                        str(workdir / f"{i}.mp4")]
-        else:
-            chains.append(f"{trim}[f{i}]")
-        chains.append(f"[f{i}]{_frames_chain(clip, cfg)}[jpg_{i}]")
-        outputs += ["-map", f"[jpg_{i}]", "-fps_mode", "passthrough", "-q:v", str(cfg.jpeg_qscale),
-                    str(workdir / f"{i}_%03d.jpg")]
-    return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", "-threads", str(cfg.ffmpeg_threads),
-            *SAFE_INPUT_ARGS, "-ss", f"{seek:.6f}", "-i", source,
-            "-filter_complex", ";".join(chains), "-filter_complex_threads", str(cfg.ffmpeg_threads),
-            *outputs]
+            both = trimmed.filter_multi_output("split", 2)
+            outputs.append(ffmpeg.output(
+                _mp4_scale(both.stream(0), cfg), str(workdir / f"{i}.mp4"),
+                **{"c:v": "libx264", "threads": cfg.ffmpeg_threads, "preset": cfg.mp4_preset, "crf": cfg.mp4_crf,
+                   "pix_fmt": "yuv420p", "an": None, "movflags": "+faststart",
+                   "fps_mode": "passthrough"}))  # the source's frame times, as in the index (VFR, gaps)
+            trimmed = both.stream(1)
+        outputs.append(ffmpeg.output(_frames_chain(trimmed, clip, cfg), str(workdir / f"{i}_%03d.jpg"),
+                                     **{"fps_mode": "passthrough", "q:v": cfg.jpeg_qscale}))
+    graph = ffmpeg.merge_outputs(*outputs).global_args(
+        "-hide_banner", "-nostdin", "-v", "error", "-filter_complex_threads", str(cfg.ffmpeg_threads))
+    return graph.compile(cmd=ffmpeg_binary())
 
 
 def copy_command(source: str, clip: PlannedClip, out: Path) -> list[str]:
-    return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-v", "error", *SAFE_INPUT_ARGS,
-            "-ss", f"{clip.span.start_s:.6f}", "-i", source, "-t", f"{clip.span.end_s - clip.span.start_s:.6f}",
-            "-frames:v", str(clip.record.num_clip_frames), "-map", "0:v:0", "-c", "copy", "-an", "-movflags", "+faststart", "-avoid_negative_ts", "make_zero",
-            str(out)]
+    """Stream copy of one clip (it starts on a keyframe and needs no resize)."""
+    duration = clip.span.end_s - clip.span.start_s
+    return (ffmpeg.output(_input(source, clip.span.start_s)["v:0"], str(out),
+                          **{"t": f"{duration:.6f}", "frames:v": clip.record.num_clip_frames, "c": "copy",
+                             "an": None, "movflags": "+faststart", "avoid_negative_ts": "make_zero"})
+            .global_args("-hide_banner", "-nostdin", "-v", "error")
+            .compile(cmd=ffmpeg_binary()))
 
 
 def _collect(clip: PlannedClip, index: int, workdir: Path) -> tuple[list[bytes], int]:
@@ -125,11 +152,12 @@ def mp4_size(width: int, height: int, cfg: ClipConfig, copied: bool) -> tuple[in
     if copied:
         return width, height
     side = cfg.mp4_max_side_px
+    # FFmpeg's scale takes a dimension that evaluates to 0 as the input's (a 2000x2 source gives 384x2).
     if width >= height:
         w = min(side, width) // 2 * 2
-        return w, int(height * w / (width * 2) + 0.5) * 2
+        return w, int(height * w / (width * 2) + 0.5) * 2 or height
     h = min(side, height) // 2 * 2
-    return int(width * h / (height * 2) + 0.5) * 2, h
+    return int(width * h / (height * 2) + 0.5) * 2 or width, h
 
 
 def decode_batch(video: VideoRecord, clips: list[PlannedClip], cfg: ClipConfig,

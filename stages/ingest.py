@@ -142,13 +142,24 @@ def ingest_directory(cfg: InputConfig, directory: Path) -> IngestResult:
     root = Path(cfg.data_root or directory)
     collector = VideoCollector(PathResolver(root), cfg.hash_files)
     exts = {e.lower() for e in cfg.extensions}
+    links = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             if Path(name).suffix.lower() not in exts:
                 continue
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
+            if os.path.islink(full):
+                links.append(full)  # after the regular files, so a file is ingested under its own name
+            else:
+                collector.add(os.path.relpath(full, root), None, None, {})
+    for full in links:  # a link to a file already listed is a failure row, not a silent merge
+        rel = os.path.relpath(full, root)
+        target = collector.by_path.get(os.path.realpath(full))
+        if target is not None:
+            collector.fail(rel, reasons.DUPLICATE_SOURCE, f"symlink to {target.relpath}, ingested under that name",
+                           rel)
+        else:
             collector.add(rel, None, None, {})
     return collector.finish()
 

@@ -4,14 +4,14 @@ import sys
 
 import pytest
 
-from conftest import make_test_video
+from conftest import REPO, make_test_video
 from pipeline.stats import connect
 
 HICOM = [sys.executable, "-m", "pipeline.cli"]
 
 
 def hicom(*args, check=True):
-    proc = subprocess.run([*HICOM, *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*HICOM, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"hicom {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -92,3 +92,35 @@ def test_bad_config_fails_loudly(tmp_path):
     cfg.write_text("split:\n  mode: sideways\n")
     proc = hicom("build", str(cfg), "--input", str(tmp_path), "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode != 0 and "mode" in proc.stderr
+
+
+def test_start_errors_are_one_line_exit_2_and_leave_no_run_dir(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_test_video(videos / "a.mp4", seconds=1.0)
+    run = tmp_path / "runs" / "x"
+    proc = hicom("build", "configs/demo.yaml", "--input", str(videos), "--out", str(run), check=False)
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert proc.returncode == 2 and len(errors) == 1
+    assert "input.kind: manifest" in errors[0] and "configs/folder.yaml" in errors[0] and "--set input.kind" in errors[0]
+    assert not run.exists()
+    proc = hicom("build", "configs/folder.yaml", "--input", str(tmp_path / "missing"), "--out", str(run), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "runs").exists()
+    proc = hicom("build", "--input", str(videos), "--out", str(run), "--set", "clip.num_frames", check=False)
+    assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr and not run.exists()
+    proc = hicom("export-llava", str(tmp_path / "runs"), str(tmp_path / "out" / "train.json"), check=False)
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_folder_run_without_pairs_says_so_in_export_and_plots(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_test_video(videos / "a.mp4", seconds=1.5)
+    run = tmp_path / "run"
+    hicom("build", "configs/folder.yaml", "--input", str(videos), "--out", str(run), "--no-progress",
+          "--set", "clip.num_frames=2")
+    proc = hicom("export-llava", str(run), str(tmp_path / "out" / "train.json"), "--no-progress")
+    assert json.loads((tmp_path / "out" / "train.json").read_text()) == []
+    assert "no instruction/answer pairs" in proc.stderr
+    proc = hicom("stats", str(run), "--plot", str(tmp_path / "plots"))
+    assert "plot answer_chars: no data" in proc.stderr and (tmp_path / "plots" / "answer_chars.png").stat().st_size

@@ -91,6 +91,8 @@ def make_cases(folder: Path, outside: Path) -> list[Case]:
     os.symlink(folder / "loop_b.mp4", folder / "loop_a.mp4")
     cases += [Case("loop_a.mp4", folder / "loop_a.mp4", reasons.UNREADABLE),
               Case("loop_b.mp4", folder / "loop_b.mp4", reasons.UNREADABLE)]
+    os.symlink("base.mp4", folder / "alias.mp4")  # a second name for a file in the same folder
+    cases.append(Case("alias.mp4", folder / "alias.mp4", reasons.DUPLICATE_SOURCE))
     os.symlink(secret, folder / "escape.mp4")
     cases.append(Case("escape.mp4", folder / "escape.mp4", reasons.PATH_ESCAPES_ROOT))
     return cases

@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from collections import Counter
 
 import pytest
 
@@ -12,10 +14,7 @@ from hostile import OK, make_cases
 from pipeline.build import build
 from pipeline.stats import connect
 from schemas import reasons
-from schemas.config import ProbeConfig, RunConfig, SplitConfig
-from schemas.records import VideoRecord, VideoResult
-from stages import probe, split
-from stages.ingest import video_id_for
+from schemas.config import RunConfig
 
 
 def _summary(what: str, tried: int, recorded: int, lost: int, duplicated: int) -> str:
@@ -37,24 +36,21 @@ def test_hostile_files_each_recorded_once_with_their_reason(hostile, ray_local):
                                     "clip": {"num_frames": 4, "timeout_s": 60}})
     build(cfg, root / "run", progress=False)
     con = connect(root / "run")
-    videos = dict(con.execute("SELECT source, status FROM videos").fetchall())
-    video_failures = dict(con.execute(
+    # Every row, not dicts: an input recorded twice must show up as duplicated.
+    video_rows = con.execute("SELECT source, status FROM videos").fetchall()
+    ingest_rows = con.execute("SELECT source, reason FROM failures WHERE stage = 'ingest'").fetchall()
+    video_failure_rows = con.execute(
         "SELECT v.source, f.reason FROM failures f JOIN videos v USING (video_id) WHERE f.item_id = v.video_id"
-    ).fetchall())
-    ingest_failures = {f: r for f, r in con.execute(
-        "SELECT source, reason FROM failures WHERE stage = 'ingest'").fetchall()}
-    got = {}
-    for case in cases:
-        if case.name in ingest_failures:
-            got[case.name] = ingest_failures[case.name]
-        elif videos.get(case.name) == "ok":
-            got[case.name] = OK
-        else:
-            got[case.name] = video_failures.get(case.name, "LOST")
+    ).fetchall()
+    records = Counter([s for s, _ in video_rows] + [s for s, _ in ingest_rows])
+    failure_records = Counter(s for s, _ in video_failure_rows)
+    outcome = {s: OK for s, status in video_rows if status == "ok"}
+    outcome.update({s: r for s, r in video_failure_rows + ingest_rows})
+    got = {c.name: outcome.get(c.name, "LOST") for c in cases}
     assert got == {c.name: c.expected for c in cases}
-    sources = [s for (s,) in con.execute("SELECT source FROM videos").fetchall()] + list(ingest_failures)
-    duplicated = len(sources) - len(set(sources))
-    lost = sum(1 for v in got.values() if v == "LOST")
+    lost = sum(1 for c in cases if records[c.name] == 0)
+    # one videos-or-ingest row per input, and at most one video-level failure row per video
+    duplicated = sum(n - 1 for n in records.values() if n > 1) + sum(n - 1 for n in failure_records.values() if n > 1)
     _summary("hostile files", len(cases), sum(1 for v in got.values() if v != OK), lost, duplicated)
     assert lost == 0 and duplicated == 0
     leftover = subprocess.run(["pgrep", "-f", str(root / "inputs")], capture_output=True, text=True).stdout
@@ -62,27 +58,29 @@ def test_hostile_files_each_recorded_once_with_their_reason(hostile, ray_local):
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
-def test_no_file_outside_the_roots_is_opened(hostile, tmp_path, monkeypatch):
-    """Run probe + split on every hostile input under strace and look for the outside file."""
-    root, cases = hostile
+def test_no_file_outside_the_roots_is_opened(hostile, tmp_path):
+    """A whole build of the hostile folder (symlinks included) through the CLI: the driver (ingest, hashing)
+    and every FFmpeg/ffprobe it or a Ray worker starts (probe, split, clip+decode) run under strace."""
+    root, _ = hostile
     log_dir = tmp_path / "strace"
     log_dir.mkdir()
+    env = dict(os.environ)
     for tool in ("ffmpeg", "ffprobe"):
         wrapper = tmp_path / f"{tool}-traced"
-        wrapper.write_text(f'#!/bin/sh\nexec strace -f -qq -e trace=open,openat -o "{log_dir}/$$.log" '
+        wrapper.write_text(f'#!/bin/sh\nexec strace -f -qq -e trace=open,openat,openat2 -o "{log_dir}/$$.log" '
                            f'{shutil.which(tool)} "$@"\n')
         wrapper.chmod(0o755)
-        monkeypatch.setenv(f"{tool.upper()}_BINARY", str(wrapper))
-    for case in cases:
-        if not case.path.is_file() or case.path.is_symlink():
-            continue
-        result = VideoResult(video_id=video_id_for(case.name), video=VideoRecord(
-            id=video_id_for(case.name), source=str(case.path), relpath=case.name))
-        result = probe.apply(result, ProbeConfig())
-        if not result.failed:
-            split.apply(result, SplitConfig())
+        env[f"{tool.upper()}_BINARY"] = str(wrapper)
+    run = tmp_path / "run"
+    proc = subprocess.run(["strace", "-qq", "-e", "trace=open,openat,openat2", "-o", str(log_dir / "driver.log"),
+                           sys.executable, "-m", "pipeline.cli", "build", "--input", str(root / "inputs"), "--out",
+                           str(run), "--no-progress", "--set", "clip.num_frames=4"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    traced = sorted(p.name for p in log_dir.glob("*.log"))
     opened = "".join(p.read_text(errors="replace") for p in log_dir.glob("*.log"))
-    assert opened, "strace logged nothing"
+    assert "driver.log" in traced and len(traced) > 20, traced  # ffprobe x2 per video + ffmpeg split/clip
+    assert str(root / "inputs" / "base.mp4") in opened and "hicom-clip-" in opened  # probe ... clip+decode
     assert str(root / "outside") not in opened
 
 
@@ -114,7 +112,13 @@ def test_hostile_annotations(tmp_path, ray_local):
                         "nofield": reasons.BAD_ANNOTATION, "badconv": reasons.BAD_ANNOTATION,
                         "qa.jsonl:5": reasons.BAD_ANNOTATION, "url": reasons.UNSUPPORTED_URL}
     assert [r[0] for r in con.execute("SELECT sample_id FROM pairs").fetchall()] == ["good"]
-    _summary("hostile annotations", len(lines), len(failures), len(lines) - len(failures) - 1, 0)
+    inputs = ["good", "rel", "abs", "nofield", "badconv", "qa.jsonl:5", "url"]
+    records = Counter([i for (i,) in con.execute("SELECT item_id FROM failures").fetchall()]
+                      + [i for (i,) in con.execute("SELECT DISTINCT sample_id FROM pairs").fetchall()])
+    lost = sum(1 for i in inputs if records[i] == 0)
+    duplicated = sum(n - 1 for n in records.values() if n > 1)
+    _summary("hostile annotations", len(lines), len(failures), lost, duplicated)
+    assert lost == 0 and duplicated == 0 and sum(records.values()) == len(lines)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

@@ -2,9 +2,9 @@ import pydantic
 import pytest
 import yaml
 
-from pipeline.cli import _parse_sets
-from schemas.config import RunConfig, load_run_config
 from conftest import REPO
+from schemas.config import RunConfig, load_run_config
+from schemas.overrides import OverrideError, apply_overrides, parse_set_options
 
 
 def test_every_shipped_config_validates():
@@ -18,7 +18,7 @@ def test_every_shipped_config_validates():
 def test_overrides_and_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("split:\n  mode: fixed\n")
-    cfg = load_run_config(path, _parse_sets(["clip.num_frames=16", "shard.max_samples=5", "input.path=/x"]))
+    cfg = load_run_config(path, parse_set_options(["clip.num_frames=16", "shard.max_samples=5", "input.path=/x"]))
     assert (cfg.split.mode, cfg.clip.num_frames, cfg.shard.max_samples, cfg.input.path) == ("fixed", 16, 5, "/x")
     assert RunConfig().clip.frame_size_px == 384 and RunConfig().clip.num_frames == 32
 
@@ -43,3 +43,16 @@ def test_ray_cluster_yaml_keeps_token_auth_and_has_all_node_types():
     start = " ".join(spec["head_start_ray_commands"] + spec["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in start and "disabled" not in start
     assert "--dashboard-host=127.0.0.1" in start
+
+
+def test_set_options_parse_once_and_apply_without_mutating():
+    assert parse_set_options(["a.b=1", "a.c=x=y", "d= [1, 2]", "e="]) == {"a.b": 1, "a.c": "x=y", "d": [1, 2], "e": None}
+    for bad in (["clip.num_frames"], ["=3"]):
+        with pytest.raises(OverrideError, match="KEY=VALUE"):
+            parse_set_options(bad)
+    data = {"clip": {"num_frames": 8}}
+    assert apply_overrides(data, {"clip.num_frames": 4, "new.deep.key": True}) == {
+        "clip": {"num_frames": 4}, "new": {"deep": {"key": True}}}
+    assert data == {"clip": {"num_frames": 8}}
+    with pytest.raises(OverrideError, match="not a section"):
+        apply_overrides({"clip": 3}, {"clip.num_frames": 4})

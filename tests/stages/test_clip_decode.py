@@ -112,3 +112,81 @@ def test_output_is_byte_identical_across_runs(tmp_path):
     runs = [clip_and_decode(video, spans, ClipConfig(num_frames=4))[0] for _ in range(3)]
     for samples in runs[1:]:
         assert [(s.mp4, s.frames) for s in samples] == [(s.mp4, s.frames) for s in runs[0]]
+
+
+def _mp4_times(sample, tmp_path) -> list[float]:
+    info = _mp4_info(sample.mp4, tmp_path)
+    return info.frame_times_s
+
+
+def _source_frame_times(video, sample) -> list[float]:
+    """The index's view of the clip: every source frame in it, relative to its first frame."""
+    times = frames_in_span(video.probe.frame_times_s, sample.clip.start_s, sample.clip.end_s)
+    return [round(t - times[0], 3) for t in times]
+
+
+@pytest.mark.parametrize("kind", ["vfr_mp4", "avi_with_gap"])
+def test_clip_mp4_keeps_source_frame_count_and_times(tmp_path, kind):
+    """The mp4 holds exactly the index's frames at their source times (no CFR duplicates or drops)."""
+    if kind == "vfr_mp4":  # 25 frames at 40 ms, then 20 frames at ~100 ms
+        src = tmp_path / "vfr.mp4"
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=3", "-vf",
+               "settb=1/1000,setpts='if(lt(N,25),N*40,1000+(N-25)*100)'", "-fps_mode", "passthrough",
+               "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-frames:v", "45", str(src))
+    else:  # frames 40-44 missing: a 0.2 s timestamp gap in a 1/25 s time base
+        src = tmp_path / "gap.avi"
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4", "-vf",
+               "select='not(between(n,40,44))'", "-fps_mode", "passthrough", "-c:v", "mpeg4", "-q:v", "5", str(src))
+    video = _probed(src)
+    span = Span(start_s=0.5, end_s=video.probe.duration_s)
+    (sample,), failures = clip_and_decode(video, [span], ClipConfig(num_frames=8, stream_copy=False))
+    assert failures == []
+    expected = _source_frame_times(video, sample)
+    got = [round(t, 3) for t in _mp4_times(sample, tmp_path)]
+    assert len(got) == sample.clip.num_clip_frames == len(expected)
+    assert got == pytest.approx(expected, abs=0.002)
+    first = expected and frames_in_span(video.probe.frame_times_s, span.start_s, span.end_s)[0]
+    assert [got[i] + first for i in sample.clip.frame_indices] == pytest.approx(sample.clip.frame_times_s, abs=0.002)
+
+
+RGB = (32, 192, 64)
+
+
+@pytest.mark.parametrize("matrix,range_,pix_fmt,tag", [
+    ("bt601", "tv", "yuv420p", "smpte170m"),
+    ("bt709", "tv", "yuv420p", "bt709"),
+    ("bt709", "pc", "yuvj420p", "bt709"),
+    ("bt601", "pc", "yuvj420p", "bt470bg"),
+])
+def test_frames_use_the_sources_colour_matrix_and_range(tmp_path, matrix, range_, pix_fmt, tag):
+    """A solid colour encoded with an explicit matrix/range comes back as the same RGB in the JPEG frames."""
+    src = tmp_path / f"{matrix}_{range_}.mp4"
+    ffmpeg("-f", "lavfi", "-i", "color=c=0x{:02X}{:02X}{:02X}:size=64x48:rate=25:duration=1,format=rgb24".format(*RGB),
+           "-vf", f"scale=out_color_matrix={matrix}:out_range={range_},format={pix_fmt}", "-colorspace", tag,
+           "-color_range", range_, "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", str(src))
+    (sample,), _ = clip_and_decode(_probed(src), [Span(start_s=0.0, end_s=1.0)],
+                                   ClipConfig(num_frames=2, frame_size_px=64, write_mp4=False))
+    centre = _image(sample.frames[0])[24:40, 16:48].mean(axis=(0, 1))
+    assert np.abs(centre - RGB).max() < 5, centre
+
+
+def test_non_square_pixels_are_padded_as_coded_like_decord(tmp_path):
+    """decord (the release's loader) returns coded frames and ignores the sample aspect ratio: so do we.
+    A 128x96 source with SAR 128:117 is padded as 128x96 (48 grey rows of 384 top and bottom), not as its
+    140x96 display size (57 rows)."""
+    src = make_test_video(tmp_path / "sar.mp4", size="128x96", seconds=1.0, extra=("-vf", "setsar=128/117"))
+    video = _probed(src)
+    (sample,), _ = clip_and_decode(video, [Span(start_s=0.0, end_s=1.0)], ClipConfig(num_frames=2))
+    frame = _image(sample.frames[0])
+    grey = np.abs(frame - 127).max(axis=(1, 2)) < 12
+    assert grey[:36].all() and grey[-36:].all()  # (JPEG ringing blurs the few rows next to the edge)
+    assert not grey[52:332].any()  # rows 48-57 would still be padding if the SAR were applied
+    assert (sample.clip.mp4_width, sample.clip.mp4_height) == (128, 96)
+
+
+def test_mp4_size_in_the_index_for_a_two_pixel_high_source(tmp_path):
+    src = make_test_video(tmp_path / "thin.mp4", size="2000x2", seconds=1.0)
+    (sample,), _ = clip_and_decode(_probed(src), [Span(start_s=0.0, end_s=1.0)],
+                                   ClipConfig(num_frames=2, stream_copy=False))
+    info = _mp4_info(sample.mp4, tmp_path)
+    assert (sample.clip.mp4_width, sample.clip.mp4_height) == (info.width, info.height) == (384, 2)
