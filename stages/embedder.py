@@ -38,7 +38,7 @@ class ImageTextEmbedder:
         """(N, S, S, 3) uint8 frames at `image_size_px` -> (N, D) float32 unit vectors."""
         out = []
         for i in range(0, len(frames), self.cfg.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(frames[i:i + self.cfg.batch_size]))
+            batch = torch.from_numpy(np.array(frames[i:i + self.cfg.batch_size]))  # a writable copy
             pixels = (batch.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
             feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.cfg.device)))
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
