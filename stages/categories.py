@@ -11,12 +11,10 @@ import functools
 
 import numpy as np
 
-from schemas import reasons
 from schemas.recipe import CategoryConfig, EmbedderConfig
 from schemas.records import VideoResult
 from stages.embedder import ImageTextEmbedder, load_embedder
-from stages.ffmpeg_tools import FfmpegError, FfmpegTimeout
-from stages.keyframes import sample_frames
+from stages.keyframes import frames_or_fail
 
 STAGE = "categories"
 RESOURCES = {"num_cpus": 1}
@@ -47,15 +45,10 @@ def apply(result: VideoResult, cfg: CategoryConfig, embedder_cfg: EmbedderConfig
     video = result.video
     embedder = load_embedder(embedder_cfg)
     duration = video.probe.duration_s
-    try:
-        frames, _ = sample_frames(video.source, duration, cfg.num_frames / max(duration, 1e-3),
-                                  embedder.image_size_px, cfg.num_frames, cfg.timeout_s)
-    except FfmpegTimeout as exc:
-        return result.fail_video(STAGE, reasons.FFMPEG_TIMEOUT, str(exc))
-    except FfmpegError as exc:
-        return result.fail_video(STAGE, reasons.FFMPEG_FAILED, str(exc))
-    if len(frames) == 0:
-        return result.fail_video(STAGE, reasons.NO_EMBEDDING, "FFmpeg decoded no frame to embed")
+    frames, _ = frames_or_fail(result, STAGE, cfg.num_frames / max(duration, 1e-3), embedder.image_size_px,
+                               cfg.num_frames, cfg.timeout_s)
+    if frames is None:
+        return result
     sentences = _sentence_embeddings(embedder, tuple(cfg.sentences))
     video.category, video.category_score = best_category(video_embedding(embedder, frames), sentences,
                                                          cfg.sentences)

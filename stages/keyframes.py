@@ -38,6 +38,24 @@ def sample_frames(source: str, duration_s: float, fps: float, size_px: int, max_
     return frames, [round(i / rate, 6) for i in range(count)]
 
 
+def frames_or_fail(result: VideoResult, stage: str, fps: float, size_px: int, max_frames: int,
+                   timeout_s: float) -> tuple[np.ndarray | None, list[float]]:
+    """`sample_frames` of the result's video, or (None, []) after failing the video with the reason."""
+    video = result.video
+    try:
+        frames, times = sample_frames(video.source, video.probe.duration_s, fps, size_px, max_frames, timeout_s)
+    except FfmpegTimeout as exc:
+        result.fail_video(stage, reasons.FFMPEG_TIMEOUT, str(exc))
+        return None, []
+    except FfmpegError as exc:
+        result.fail_video(stage, reasons.FFMPEG_FAILED, str(exc))
+        return None, []
+    if len(frames) == 0:
+        result.fail_video(stage, reasons.NO_EMBEDDING, "FFmpeg decoded no frame to embed")
+        return None, []
+    return frames, times
+
+
 def select_keyframes(embeddings: np.ndarray, max_similarity: float) -> list[int]:
     """Indices of keyframes: the first frame, then each frame less similar than `max_similarity` to the last
     keyframe. `embeddings` are unit vectors in time order."""
@@ -61,15 +79,10 @@ def apply(result: VideoResult, cfg: KeyframeConfig, embedder_cfg: EmbedderConfig
         return result
     video = result.video
     embedder = load_embedder(embedder_cfg)
-    try:
-        frames, times = sample_frames(video.source, video.probe.duration_s, cfg.sample_fps, embedder.image_size_px,
-                                      cfg.max_frames, cfg.timeout_s)
-    except FfmpegTimeout as exc:
-        return result.fail_video(STAGE, reasons.FFMPEG_TIMEOUT, str(exc))
-    except FfmpegError as exc:
-        return result.fail_video(STAGE, reasons.FFMPEG_FAILED, str(exc))
-    if len(frames) == 0:
-        return result.fail_video(STAGE, reasons.NO_EMBEDDING, "FFmpeg decoded no frame to embed")
+    frames, times = frames_or_fail(result, STAGE, cfg.sample_fps, embedder.image_size_px, cfg.max_frames,
+                                   cfg.timeout_s)
+    if frames is None:
+        return result
     keyframe_times = [times[i] for i in select_keyframes(embedder.embed_images(frames), cfg.max_similarity)]
     video.keyframe_times_s = keyframe_times
     kept = []
