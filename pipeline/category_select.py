@@ -103,6 +103,7 @@ def select_by_category(cfg: RunConfig, run_dir: Path, videos: list[VideoRecord],
     `recipe.categories`."""
     if cfg.recipe is None or cfg.recipe.categories is None or not pending:
         return pending, []
+    cfg.embedder.require_model()  # a missing checkpoint fails the build at start, not per video
     run_dir = Path(run_dir)
     for leftover in (run_dir / SCORES_DIR).glob("scores-*.tmp"):
         shutil.rmtree(leftover)  # a killed scoring pass: its videos are scored again

@@ -13,6 +13,8 @@ def recipe_stages(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
     recipe = cfg.recipe
     if recipe is None:
         return []
+    if recipe.needs_embedder:
+        cfg.embedder.require_model()  # before any video is processed
     stages = []
     if recipe.length is not None:
         stages.append((RayStage(length.STAGE, length.apply, recipe.length), length.RESOURCES))

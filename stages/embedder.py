@@ -86,6 +86,7 @@ def _local_siglip(cfg: EmbedderConfig) -> ImageTextEmbedder:
 
 def build_embedder(cfg: EmbedderConfig) -> ImageTextEmbedder:
     """A fresh embedder from config (a local checkpoint, or the tiny random model)."""
+    cfg.require_model()
     log.info("loading the image-text embedder (%s)", cfg.path or "tiny random SigLIP")
     return _local_siglip(cfg) if cfg.path else _random_siglip(cfg)
 

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from schemas import reasons
-from schemas.config import ProbeConfig
+from conftest import REPO
+from pipeline.recipe import recipe_stages
+from schemas.config import ProbeConfig, load_run_config
 from schemas.recipe import CategoryConfig, EmbedderConfig, KeyframeConfig
 from schemas.records import Span, VideoRecord, VideoResult
 from stages import categories, keyframes
@@ -20,7 +22,9 @@ def probed(scene_video):
 
 def test_embedder_needs_a_path_or_an_explicit_random_model():
     with pytest.raises(ValueError, match="embedder.path"):
-        EmbedderConfig()
+        build_embedder(EmbedderConfig())
+    with pytest.raises(ValueError, match="embedder.path"):
+        recipe_stages(load_run_config(REPO / "configs" / "hicom248k.yaml"))  # the shipped config names no model
 
 
 def test_tiny_embedder_gives_unit_vectors_for_frames_and_sentences(torch_single_thread):
