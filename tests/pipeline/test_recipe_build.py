@@ -48,7 +48,7 @@ def run(videos, tmp_path_factory, ray_local):
     with StubOpenAI(vlm) as stub:
         sets = [f"captioning.caption.endpoint.base_url={stub.base_url}",
                 f"captioning.instruct.endpoint.base_url={stub.base_url}", "embedder.random_init=true",
-                "recipe.categories.per_category=1", "recipe.categories.random_others=2",
+                "recipe.categories.per_category=0", "recipe.categories.random_others=3",
                 "captioning.actors.filter_actor_cpus=0.5", "ray.num_cpus=2"]
         code = main(["build", str(REPO / "configs" / "hicom248k.yaml"), "--input", str(videos), "--out", str(out),
                      "--no-progress", *[a for s in sets for a in ("--set", s)]])
@@ -83,7 +83,7 @@ def test_every_input_and_drop_is_recorded_with_a_reason(run, videos):
     assert con.execute("SELECT count(*) FROM failures WHERE reason IS NULL OR reason = ''").fetchone()[0] == 0
     quota = con.execute("SELECT count(*) FROM videos v JOIN failures f USING (video_id) "
                         "WHERE f.reason = 'category_quota_full' AND v.category IS NOT NULL").fetchone()[0]
-    assert quota == 1  # 4 videos, at most 1 per category + 2 random: exactly one rejected, with its category
+    assert quota == 1  # 4 videos, none by similarity + 3 random: exactly one rejected, with its category
 
 
 @pytest.mark.slow
