@@ -96,5 +96,5 @@ def test_stats_recipe_section_and_compare(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "== Recipe: run vs HICom-248K ==" in out and "other.json" in out and "25.67" in out
     row = next(line for line in out.splitlines() if line.startswith("pairs per clip"))
-    assert row.split()[-2:] == ["2.00", "2.98"]  # the file's 6 pairs on 3 clips, the paper's 739K / 248K
+    assert row.split()[-2:] == ["3.00", "2.98"]  # the file's 6 pairs on 2 clips, the paper's 739K / 248K
     assert "== Recipe: dropped per filter ==" in out and "too_short" in out
