@@ -14,6 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.captioning import captioning_session
+from pipeline.category_select import select_by_category
+from pipeline.recipe import recipe_stages
 from pipeline.resume import committed_stats, scan_and_clean
 from pipeline.run_dir import RunDirectory
 from schemas import caption_reasons
@@ -63,6 +65,7 @@ def stage_pipeline(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
     return [
         (RayStage(probe.STAGE, probe.apply, cfg.probe), {**probe.RESOURCES, "concurrency": cfg.ray.probe_concurrency}),
         (RayStage(split.STAGE, split.apply, cfg.split), split.RESOURCES),
+        *recipe_stages(cfg),  # length -> keyframes (configs/hicom248k.yaml)
         (RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip),
          {**clip_decode.RESOURCES, "concurrency": cfg.ray.clip_concurrency}),
         (RayStage(pairs.STAGE, pairs.apply, cfg.input), {}),
@@ -140,6 +143,10 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     writer = ShardWriter(run_dir, cfg.shard, next_index=state.next_index)
     writer.add_failures(loose)
     report.new_failures += len(loose)
+    pending, rejected = select_by_category(cfg, run_dir, ingested.videos, pending)  # recipe.categories
+    for result in rejected:
+        _write_or_stop(run_dir, writer.add, result)
+    report.new_failures += sum(len(r.failures) for r in rejected)
     if pending:
         failed_at: Counter[str] = Counter()
         bar = tqdm(total=len(pending), desc="videos", unit="video", disable=not progress)

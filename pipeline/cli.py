@@ -116,6 +116,10 @@ def cmd_stats(args) -> int:
     con = connect(args.run_dir, args.annotations)
     try:
         print(run_sql(con, args.sql) if args.sql else report(con))
+        if not args.sql and (args.compare or _has_recipe(args.run_dir)):
+            from pipeline.recipe_stats import recipe_report
+
+            print("\n" + recipe_report(con, args.compare))
     except duckdb.Error as exc:
         log.error("query refused or failed: %s", exc)
         return 2
@@ -123,6 +127,11 @@ def cmd_stats(args) -> int:
         for path in plot(con, args.plot):
             print(f"plot: {path}")
     return 0
+
+
+def _has_recipe(run_dir: str) -> bool:
+    config = Path(run_dir) / "config.yaml"
+    return config.is_file() and bool((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("recipe"))
 
 
 def cmd_export(args) -> int:
@@ -171,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT_DIR", help="write PNG histograms here")
     p.add_argument("--annotations", metavar="VERSION",
                    help="take `pairs` (and their failures) from an annotation version made by `hicom caption`")
+    p.add_argument("--compare", metavar="LLAVA_JSON",
+                   help="recipe figures of a LLaVA-format file (e.g. 248328_qa_llavaformat.json) beside the run's")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("export-llava", help="the release training JSON + clip mp4s from shards")

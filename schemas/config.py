@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.caption import CaptioningConfig
 from schemas.overrides import apply_overrides
+from schemas.recipe import EmbedderConfig, RecipeConfig
 
 
 class _Config(BaseModel):
@@ -53,6 +54,10 @@ class SplitConfig(_Config):
     min_clip_s: float = 1.0  # shorter scenes are dropped (or merged into a neighbour when possible)
     max_clip_s: float = 10.0  # longer shots are cut into pieces of at most this length
     scene_threshold: float = 0.3  # FFmpeg scene score (0..1) that starts a new shot
+    # Scene detector: ffmpeg (the scene score above) or pyscenedetect (PySceneDetect's ContentDetector, the
+    # paper's tool); bench/split_detectors.py compares them.
+    detector: Literal["ffmpeg", "pyscenedetect"] = "ffmpeg"
+    content_threshold: float = 27.0  # ContentDetector threshold (its default 27); higher: fewer cuts
     window_s: float = 4.0  # fixed mode
     stride_s: float = 4.0  # fixed mode; < window_s overlaps
     timeout_s: float = 600.0
@@ -106,6 +111,8 @@ class RunConfig(_Config):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     captioning: CaptioningConfig | None = None  # caption -> instruct -> filter; None: pairs from sources only
+    recipe: RecipeConfig | None = None  # HICom-248K's length / keyframe / category steps (schemas/recipe.py)
+    embedder: EmbedderConfig | None = None  # the image-text model of recipe.keyframes / recipe.categories
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -113,6 +120,8 @@ class RunConfig(_Config):
             raise ValueError("split.min_clip_s must be <= split.max_clip_s")
         if self.split.stride_s <= 0 or self.split.window_s <= 0:
             raise ValueError("split.window_s and split.stride_s must be > 0")
+        if self.recipe is not None and self.recipe.needs_embedder and self.embedder is None:
+            raise ValueError("recipe.keyframes/recipe.categories need an `embedder:` section")
         return self
 
 

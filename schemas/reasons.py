@@ -25,7 +25,16 @@ TOO_LARGE_FRAME = "resolution_over_limit"
 PROBE_TIMEOUT = "probe_timeout"
 # split
 NO_CLIPS = "no_clips"
-SPAN_OUT_OF_RANGE = "span_out_of_range"
+SPAN_OUT_OF_RANGE = "span_out_of_range"  # starts or ends past the end of the video
+SPAN_NEGATIVE = "span_negative_start"
+SPAN_END_BEFORE_START = "span_end_before_start"
+DUPLICATE_SPAN = "duplicate_span"  # a second manifest row (or span) giving a clip already planned
+# recipe (schemas/recipe.py)
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+REDUNDANT_CLIP = "redundant_clip"  # contains no keyframe
+CATEGORY_QUOTA_FULL = "category_quota_full"
+NO_EMBEDDING = "no_frames_to_embed"
 # clip+decode
 FFMPEG_FAILED = "ffmpeg_failed"
 FFMPEG_TIMEOUT = "ffmpeg_timeout"

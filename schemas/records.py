@@ -51,6 +51,7 @@ class Span(_Record):
     start_s: float
     end_s: float | None = None  # None: to the end of the video
     caption: str | None = None
+    row: int | None = None  # the manifest row it came from (failure rows are keyed by it)
     samples: list[AnnotationSample] = Field(default_factory=list)
 
 
@@ -84,6 +85,9 @@ class VideoRecord(_Record):
     spans: list[Span] = Field(default_factory=list)  # given spans (manifest/annotations); empty: none given
     metadata: dict[str, str] = Field(default_factory=dict)
     probe: ProbeInfo | None = None
+    keyframe_times_s: list[float] | None = None  # recipe.keyframes: None when the stage did not run
+    category: str | None = None  # recipe.categories: the best category sentence and its similarity
+    category_score: float | None = None
 
 
 class ClipRecord(_Record):

@@ -226,7 +226,7 @@ def ingest_manifest(cfg: InputConfig, manifest: Path) -> IngestResult:
             collector.fail(item_id, reasons.BAD_ANNOTATION, f"row has no {cfg.path_column!r} value")
             continue
         try:
-            spans = _spans_from_row(cfg, row)
+            spans = [s.model_copy(update={"row": line_no}) for s in _spans_from_row(cfg, row)]
         except (ValueError, SyntaxError, TypeError, ValidationError) as exc:
             collector.fail(item_id, reasons.BAD_ANNOTATION, f"bad span/caption columns: {exc}", str(given))
             continue

@@ -61,6 +61,7 @@ CLIP_SCHEMA = pa.schema([
     ("frame_size_px", pa.int32()), ("mp4_width", pa.int32()), ("mp4_height", pa.int32()),
     ("mp4_bytes", pa.int64()), ("frames_bytes", pa.int64()), ("mp4_stream_copied", pa.bool_()),
     ("num_samples", pa.int32()), ("num_pairs", pa.int32()), ("has_caption", pa.bool_()),
+    ("keyframes_in_clip", pa.int32()),  # recipe.keyframes: the keyframes that kept this clip; null: not run
 ])
 PAIR_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("video_id", pa.string()), ("shard", pa.string()), ("sample_id", pa.string()),
@@ -73,6 +74,7 @@ VIDEO_SCHEMA = pa.schema([
     ("size_bytes", pa.int64()), ("status", pa.string()), ("num_clips", pa.int32()), ("num_failures", pa.int32()),
     ("duration_s", pa.float64()), ("fps", pa.float64()), ("width", pa.int32()), ("height", pa.int32()),
     ("codec", pa.string()), ("rotation_deg", pa.int32()), ("has_audio", pa.bool_()), ("node_id", pa.string()),
+    ("keyframe_times_s", pa.list_(pa.float64())), ("category", pa.string()), ("category_score", pa.float64()),
 ])
 FAILURE_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("video_id", pa.string()), ("shard", pa.string()), ("stage", pa.string()),
@@ -80,14 +82,17 @@ FAILURE_SCHEMA = pa.schema([
 ])
 
 
-def clip_row(sample: ShardSample, shard: str) -> dict:
+def clip_row(sample: ShardSample, shard: str, keyframe_times_s: list[float] | None = None) -> dict:
     c = sample.clip
+    keyframes = None if keyframe_times_s is None else sum(c.start_s - 1e-6 <= t < c.end_s - 1e-6
+                                                          for t in keyframe_times_s)
     return {"clip_id": c.id, "video_id": c.video_id, "shard": shard, "source": c.source,
             "start_s": c.start_s, "end_s": c.end_s, "duration_s": c.duration_s, "num_frames": len(sample.frames),
             "num_clip_frames": c.num_clip_frames, "frames_padded": c.frames_padded,
             "frame_size_px": c.frame_size_px, "mp4_width": c.mp4_width, "mp4_height": c.mp4_height,
             "mp4_bytes": c.mp4_bytes, "frames_bytes": c.frames_bytes, "mp4_stream_copied": c.mp4_stream_copied,
-            "num_samples": len(sample.samples), "num_pairs": len(sample.pairs), "has_caption": bool(c.caption)}
+            "num_samples": len(sample.samples), "num_pairs": len(sample.pairs), "has_caption": bool(c.caption),
+            "keyframes_in_clip": keyframes}
 
 
 def pair_rows(sample: ShardSample, shard: str) -> list[dict]:
@@ -108,7 +113,8 @@ def video_row(result: VideoResult, shard: str) -> dict:
             "fps": probe.fps if probe else None, "width": probe.width if probe else None,
             "height": probe.height if probe else None, "codec": probe.codec if probe else None,
             "rotation_deg": probe.rotation_deg if probe else None, "has_audio": probe.has_audio if probe else None,
-            "node_id": result.node_id}
+            "node_id": result.node_id, "keyframe_times_s": video.keyframe_times_s if video else None,
+            "category": video.category if video else None, "category_score": video.category_score if video else None}
 
 
 def failure_row(failure: Failure, shard: str) -> dict:
@@ -166,7 +172,7 @@ class _OpenPart:
             self.tar = wds.TarWriter(self.tar_file, encoder=False, mtime=TAR_MTIME)
         for sample in result.samples:
             self.tar.write(to_wds(sample))
-            self.clips.append(clip_row(sample, self.name))
+            self.clips.append(clip_row(sample, self.name, result.video.keyframe_times_s if result.video else None))
             self.pairs.extend(pair_rows(sample, self.name))
             self.bytes += _sample_bytes(sample)
         self.videos.append(video_row(result, self.name))

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 from schemas import reasons
@@ -52,3 +54,75 @@ def test_no_clip_long_enough_fails_the_video(scene_video):
     result = VideoResult(video_id="v", video=_probed(scene_video))
     out = split.apply(result, SplitConfig(mode="fixed", window_s=4, stride_s=4, min_clip_s=9, max_clip_s=10))
     assert out.failed and [f.reason for f in out.failures] == [reasons.NO_CLIPS]
+
+
+# Manifest spans: scene/fixed split inside them, captions per span, every row a clip or a failure.
+
+def _with_spans(video, spans):
+    return video.model_copy(update={"spans": spans})
+
+
+def test_scene_split_happens_inside_manifest_spans_with_each_spans_caption(scene_video):
+    video = _with_spans(_probed(scene_video), [Span(start_s=0.0, end_s=4.0, caption="first", row=0),
+                                               Span(start_s=4.0, end_s=8.0, caption="second", row=1)])
+    spans, failures = split_video(video, SplitConfig(mode="scene", min_clip_s=0.5, max_clip_s=10.0))
+    assert failures == []
+    assert [(s.start_s, s.end_s, s.caption, s.row) for s in spans] == [
+        (0.0, 3.0, "first", 0), (3.0, 4.0, "first", 0), (4.0, 5.0, "second", 1), (5.0, pytest.approx(8.0), "second", 1)]
+
+
+def test_fixed_split_inside_spans_and_no_clip_outside_them(scene_video):
+    video = _with_spans(_probed(scene_video), [Span(start_s=1.0, end_s=4.0, caption="a", row=0),
+                                               Span(start_s=6.0, end_s=None, caption="b", row=1)])
+    spans, failures = split_video(video, SplitConfig(mode="fixed", window_s=2.0, stride_s=2.0, min_clip_s=1.0))
+    assert failures == []
+    assert [(s.start_s, s.end_s, s.caption) for s in spans] == [
+        (1.0, 3.0, "a"), (3.0, 4.0, "a"), (6.0, 8.0, "b")]
+
+
+def test_invalid_and_duplicate_spans_are_failure_rows_keyed_by_row(scene_video):
+    video = _with_spans(_probed(scene_video), [
+        Span(start_s=0.0, end_s=3.0, caption="ok", row=0), Span(start_s=5.0, end_s=2.0, caption="x", row=1),
+        Span(start_s=-1.0, end_s=2.0, row=2), Span(start_s=9.0, end_s=12.0, row=3),
+        Span(start_s=2.0, end_s=30.0, row=4), Span(start_s=0.0, end_s=3.0, caption="ok again", row=5),
+        Span(start_s=5.0, end_s=5.3, row=6)])
+    spans, failures = split_video(video, SplitConfig(mode="scene", min_clip_s=1.0, max_clip_s=10.0))
+    assert [(s.start_s, s.end_s, s.row) for s in spans] == [(0.0, 3.0, 0)]
+    assert sorted((f.item_id, f.reason) for f in failures) == [
+        ("row1", reasons.SPAN_END_BEFORE_START), ("row2", reasons.SPAN_NEGATIVE), ("row3", reasons.SPAN_OUT_OF_RANGE),
+        ("row4", reasons.SPAN_OUT_OF_RANGE), ("row5", reasons.DUPLICATE_SPAN), ("row6", reasons.NO_CLIPS)]
+    result = split.apply(VideoResult(video_id="v", video=video), SplitConfig(mode="scene"))
+    assert not result.failed and len(result.failures) == 6  # span failures never fail the video
+
+
+def test_panda_style_row_with_several_spans_keys_each_span(scene_video):
+    video = _with_spans(_probed(scene_video), [Span(start_s=0.0, end_s=3.0, row=7), Span(start_s=3.0, end_s=1.0, row=7)])
+    spans, failures = split_video(video, SplitConfig(mode="fixed", window_s=4, stride_s=4, min_clip_s=1))
+    assert [(s.start_s, s.end_s) for s in spans] == [(0.0, 3.0)]
+    assert [(f.item_id, f.reason) for f in failures] == [("row7.1", reasons.SPAN_END_BEFORE_START)]
+
+
+def test_manifest_rows_each_end_as_a_clip_or_a_failure(scene_video, tmp_path):
+    from schemas.config import InputConfig
+    from stages.ingest import ingest_manifest
+
+    shutil.copy(scene_video, tmp_path / "scenes.mp4")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,start_s,end_s,caption\nscenes.mp4,0,3,one\nscenes.mp4,3,8,two\n"
+                        "scenes.mp4,6,2,bad\nscenes.mp4,0,3,one again\n")
+    ingested = ingest_manifest(InputConfig(path=str(manifest), hash_files=False), manifest)
+    assert ingested.failures == [] and len(ingested.videos) == 1
+    video = probe_video(ingested.videos[0], ProbeConfig())
+    spans, failures = split_video(video, SplitConfig(mode="scene", min_clip_s=1.0, max_clip_s=10.0))
+    rows = {s.row for s in spans} | {int(f.item_id.removeprefix("row")) for f in failures}
+    assert rows == {0, 1, 2, 3}
+    assert [(s.start_s, s.end_s, s.caption) for s in spans] == [
+        (0.0, 3.0, "one"), (3.0, 5.0, "two"), (5.0, pytest.approx(8.0), "two")]
+
+
+def test_pyscenedetect_content_detector_finds_the_hard_cuts(scene_video):
+    video = _probed(scene_video)
+    cfg = SplitConfig(detector="pyscenedetect")
+    assert [round(c, 2) for c in split.detect_cuts(video, cfg)] == [3.0, 5.0]
+    spans, _ = split_video(video, SplitConfig(mode="scene", detector="pyscenedetect", min_clip_s=1.0, max_clip_s=10.0))
+    assert [(s.start_s, s.end_s) for s in spans] == [(0.0, 3.0), (3.0, 5.0), (5.0, pytest.approx(8.0))]
