@@ -63,8 +63,9 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     _print_build(report, args.dry_run)
     if report.deferred:
-        log.warning("%d videos were not committed because an LLM endpoint was unavailable; rerun the same "
-                    "command to finish them (answers already received are cached)", len(report.deferred))
+        from pipeline.captioning import deferred_message
+
+        log.warning("%s", deferred_message(len(report.deferred), report.llm_usage))
         return EXIT_INCOMPLETE
     return 0
 
