@@ -292,9 +292,10 @@ def default_rules(cfg: FilterConfig) -> list[PairRule]:
         Repetition(cfg.max_repeated_ngram_frac),
         Pattern(_REFUSAL, reasons.REFUSAL),
     ]
+    rules.append(Pattern(_MENTIONS_CAPTION, reasons.MENTIONS_CAPTION))
     if cfg.invalid_answer_phrases:
         rules.append(Pattern(phrase_pattern(cfg.invalid_answer_phrases), reasons.INVALID_ANSWER, instruction=False))
-    rules += [Pattern(_MENTIONS_CAPTION, reasons.MENTIONS_CAPTION), CopiesInstruction(cfg.copy_overlap)]
+    rules.append(CopiesInstruction(cfg.copy_overlap))
     if cfg.target_language:
         rules.append(Language(cfg.target_language))
     rules += [MultipleChoiceForm(), SameInstruction(),
