@@ -258,3 +258,27 @@ def test_demo_captions_config_validates():
     assert "$caption" in cap.instruct.template and cap.instruct.prompt_version == "demo-gemma270m-v1"
     served = cap_pipeline.with_server(cap, "http://127.0.0.1:1/v1").instruct.endpoint
     assert served.json_mode == "json_object_schema" and served.api_key_env is None
+
+
+def test_no_batch_barrier_slow_requests_do_not_hold_the_others(stub, tmp_path, ray_local):
+    """One request 10x+ slower than the rest: the other videos flow past it through the Ray stages."""
+    slow_s = 6.0
+    stub.latency_for = lambda body: slow_s if "slow" in json.dumps(body) else 0.2
+    cap = captioning(stub, actors={"queue_videos": 4})
+    results_in = [make_result("v-slow", ["A slow clip of a snail crossing a wet leaf."], frame_seed=9)]
+    results_in += [make_result(f"v{i}", [CAPTIONS[i % 4] + f" Take {i}."], frame_seed=i) for i in range(7)]
+    stages = cap_pipeline.caption_stages(RunConfig(captioning=cap), tmp_path, cluster_cpus=2)[:2]
+    ds = ray_local.data.from_items([to_row_(r) for r in results_in], override_num_blocks=len(results_in))
+    started, arrivals = time.monotonic(), {}
+    for row in cap_pipeline.apply_stages(ds, stages).iter_rows():
+        arrivals[row["video_id"]] = time.monotonic() - started
+    fast = [t for v, t in arrivals.items() if v != "v-slow"]
+    assert len(arrivals) == 8 and arrivals["v-slow"] >= slow_s
+    assert max(fast) < arrivals["v-slow"] - 2.0, arrivals  # no fast video waited for the slow one
+    assert stub.max_in_flight >= 2
+
+
+def to_row_(result):
+    from stages.ray_adapter import to_row
+
+    return to_row(result)
