@@ -68,6 +68,8 @@ class StubOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.bodies: list[dict] = []  # every request body, in arrival order
+        self.received_at: list[float] = []  # time.monotonic() of each request's arrival (same order)
+        self.answered_at: list[float] = []  # time.monotonic() of each answer sent
         self.auth_headers: set[str] = set()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -151,6 +153,7 @@ class StubOpenAI:
         key = input_key(body.get("messages", []))
         with self._lock:
             self.bodies.append(body)
+            self.received_at.append(time.monotonic())
             self.auth_headers.add(headers.get("authorization", ""))
             self.counts[key] += 1
             n = self.counts[key]
@@ -163,6 +166,7 @@ class StubOpenAI:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.answered_at.append(time.monotonic())
 
     def _mode_for(self, key: str, n: int, body: dict, arrival: int = 0) -> str:
         """The behaviour for the n-th (1-based) request of this input (the `arrival`-th overall)."""
