@@ -70,6 +70,7 @@ class StubOpenAI:
         self.bodies: list[dict] = []  # every request body, in arrival order
         self.received_at: list[float] = []  # time.monotonic() of each request's arrival (same order)
         self.answered_at: list[float] = []  # time.monotonic() of each answer sent
+        self._busy: list[tuple[float, int]] = []  # (time, requests in flight from then on)
         self.auth_headers: set[str] = set()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,7 +144,16 @@ class StubOpenAI:
 
     async def _handle(self, method: str, path: str, headers: dict, raw: bytes):
         if method == "GET" and path == "/stats":
-            return 200, json.dumps({"total": self.total, "max_in_flight": self.max_in_flight,
+            span = (max(self.answered_at) - min(self.received_at)) if self.answered_at else 0.0
+            # mean requests in flight from the first request to the last one's arrival (while work was queued)
+            end = max(self.received_at) if self.received_at else 0.0
+            steps = [(t, n) for t, n in self._busy if t <= end] + [(end, 0)]
+            busy = sum((t2 - t1) * n for (t1, n), (t2, _) in zip(steps, steps[1:]))
+            mean_in_flight = busy / (end - steps[0][0]) if len(steps) > 1 and end > steps[0][0] else 0.0
+            latencies = [self.latency_for(b) if self.latency_for else self.latency_s for b in self.bodies]
+            return 200, json.dumps({"total": self.total, "max_in_flight": self.max_in_flight, "span_s": span,
+                                    "mean_in_flight": mean_in_flight,
+                                    "mean_latency_s": sum(latencies) / max(len(latencies), 1),
                                     "statuses": {str(k): v for k, v in self.statuses.items()}}).encode(), {}
         if method == "GET" and path in ("/v1/models", "/health"):
             return 200, json.dumps({"data": [{"id": "stub"}]}).encode(), {}
@@ -161,12 +171,14 @@ class StubOpenAI:
             arrival = self._arrivals
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._busy.append((time.monotonic(), self.in_flight))
         try:
             return await self._reply(key, n, body, headers.get("authorization", ""), arrival)
         finally:
             with self._lock:
                 self.in_flight -= 1
                 self.answered_at.append(time.monotonic())
+                self._busy.append((self.answered_at[-1], self.in_flight))
 
     def _mode_for(self, key: str, n: int, body: dict, arrival: int = 0) -> str:
         """The behaviour for the n-th (1-based) request of this input (the `arrival`-th overall)."""
@@ -212,19 +224,25 @@ class StubOpenAI:
         return 200, json.dumps(reply).encode("utf-8"), {}
 
 
-def serve_forever(latency_s: float) -> None:
-    """`python -m tests.stub_openai LATENCY_S`: serve in this process (own GIL), print the base URL."""
+def spread_latency(latency_s: float, slow_every: int, slow_factor: float) -> Callable[[dict], float]:
+    """Every `slow_every`-th input (by hash, so a retry is as slow) takes `slow_factor` x `latency_s`."""
+    def latency_for(body: dict) -> float:
+        slow = slow_every > 0 and int(input_key(body.get("messages", [])), 16) % slow_every == 0
+        return latency_s * (slow_factor if slow else 1.0)
+
+    return latency_for
+
+
+def serve_forever(latency_s: float, slow_every: int = 0, slow_factor: float = 1.0) -> None:
+    """`python -m tests.stub_openai LATENCY_S [SLOW_EVERY SLOW_FACTOR]`: serve in this process (own GIL),
+    print the base URL; `GET /stats` also gives the span from the first request to the last answer."""
     import sys
 
-    with StubOpenAI(latency_s=latency_s) as stub:
+    with StubOpenAI(pairs_responder, latency_s=latency_s) as stub:
+        if slow_every:
+            stub.latency_for = spread_latency(latency_s, slow_every, slow_factor)
         print(stub.base_url, flush=True)
         sys.stdin.read()  # until the parent closes our stdin
-
-
-if __name__ == "__main__":
-    import sys
-
-    serve_forever(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0)
 
 
 # --- fake records and a responder that writes pairs from the prompt (for the caption tests) ----------
@@ -333,3 +351,11 @@ def pairs_responder(body: dict) -> str:
             answer = f"In the clip, {caption[:1].lower()}{caption[1:]}"
         pairs.append({"kind": kind, "instruction": instruction, "answer": answer})
     return json.dumps({"pairs": pairs})
+
+
+if __name__ == "__main__":
+    import sys
+
+    args = sys.argv[1:]
+    serve_forever(float(args[0]) if args else 0.0, int(args[1]) if len(args) > 1 else 0,
+                  float(args[2]) if len(args) > 2 else 1.0)
