@@ -18,8 +18,9 @@ import numpy as np
 
 from schemas.caption import FilterConfig
 from schemas.records import Failure, QAPair, ShardSample, VideoResult
-from stages.pair_rules import QUESTION_WORDS, ClipContext, PairRule, default_rules, jaccard, lexical_grounding, \
-    normalize, question_part, repeated_ngram_frac, words
+from stages.pair_rules import ClipContext, PairRule, default_rules
+from stages.pair_text import QUESTION_WORDS, jaccard, lexical_grounding, normalize, question_part, \
+    repeated_ngram_frac, words
 
 log = logging.getLogger(__name__)
 STAGE = "filter"
