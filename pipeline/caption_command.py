@@ -1,97 +1,70 @@
 """`hicom caption RUN_DIR`: (re)generate pairs for the clips of committed shards as a new annotation version,
-without touching video:
+without touching video, through the same Ray stages as `hicom build` (`pipeline/captioning.py`):
     annotations/<version>/captioning.yaml                the captioning config used
     annotations/<version>/shard-NNNNN.pairs.parquet      all pairs of the part's clips (index schema)
     annotations/<version>/shard-NNNNN.failures.parquet   what was lost, with reasons
     annotations/<version>/shard-NNNNN.stats.json         written last: the part is committed
-A rerun skips committed parts; the response cache makes redone requests free.
+The shards are read with `ray.data.read_webdataset` (frames and metadata, no mp4), grouped back into videos,
+and a part is committed as soon as all its videos are back. A rerun skips committed parts; the response
+cache makes redone requests free.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import tarfile
+import pickle
 import time
-import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.captioning import ANNOTATIONS_DIR, cache_dir, dataset_dedup, maybe_server, with_server
+from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_session
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
-from stages import caption, dedup, filter as pair_filter, instruct
-from stages.llm_client import LLMClient, ResponseCache, SyncRunner, write_usage
+from stages.ray_adapter import from_row, to_row
 
 log = logging.getLogger(__name__)
 
 
-def read_part(tar_path: Path) -> list[VideoResult]:
-    """The clips of one committed tar as VideoResults (frames and pairs; no mp4), grouped by video."""
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if ext == "mp4":
-                continue
-            members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    results: dict[str, VideoResult] = {}
-    for key, files in members.items():
-        meta = json.loads(files["json"])
-        samples = [AnnotationSample.model_validate(s) for s in meta.pop("samples", [])]
-        pairs = [QAPair.model_validate(p) for p in meta.pop("pairs", [])]
-        meta.pop("duration_s", None)
-        clip = ClipRecord.model_validate(meta)
-        frames = [files[ext] for ext in sorted(e for e in files if e.endswith(".jpg"))]
-        video = results.setdefault(clip.video_id, VideoResult(video_id=clip.video_id, source=clip.source))
-        video.samples.append(ShardSample(clip=clip, frames=frames, samples=samples, pairs=pairs))
-    return list(results.values())
+def sample_from_members(members: dict) -> dict:
+    """A `read_webdataset` decoder: one tar sample -> {part, video_id, clip (a pickled ShardSample)}."""
+    meta = json.loads(members["json"])
+    samples = [AnnotationSample.model_validate(s) for s in meta.pop("samples", [])]
+    pairs = [QAPair.model_validate(p) for p in meta.pop("pairs", [])]
+    meta.pop("duration_s", None)
+    clip = ClipRecord.model_validate(meta)
+    frames = [members[k] for k in sorted(k for k in members if k.endswith(".jpg"))]
+    part = Path(members["__url__"]).name.removesuffix(".tar")
+    sample = ShardSample(clip=clip, frames=frames, samples=samples, pairs=pairs)
+    return {"part": part, "video_id": clip.video_id, "clip": pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+def video_rows(group: pa.Table) -> pa.Table:
+    """`map_groups`: the clips of one (part, video) as one video row, in clip order."""
+    rows = group.to_pylist()
+    samples = sorted((pickle.loads(r["clip"]) for r in rows), key=lambda s: (s.clip.start_s, s.clip.id))
+    result = VideoResult(video_id=rows[0]["video_id"], source=samples[0].clip.source, samples=samples)
+    return pa.table({"part": [rows[0]["part"]], **{k: [v] for k, v in to_row(result).items()}})
+
+
+def read_videos(tars: list[Path]):
+    """A Ray Dataset of video rows (`part`, `video_id`, `state`) from committed shard tars."""
+    import ray
+
+    ds = ray.data.read_webdataset([str(t) for t in tars], decoder=sample_from_members,
+                                  suffixes=lambda ext: ext != "mp4")
+    return ds.groupby(["part", "video_id"]).map_groups(video_rows, batch_format="pyarrow")
 
 
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     os.replace(tmp, path)
-
-
-class _LocalChain:
-    """caption -> instruct -> filter in this process (async requests, one encoder), for `run_caption`."""
-
-    def __init__(self, cap: CaptioningConfig, cache: Path):
-        self.cap = cap
-        self.runner = SyncRunner()
-        store = ResponseCache(cache)
-        self.clients = {"instruct": LLMClient(cap.instruct.endpoint, store)}
-        if cap.caption.mode != "source":
-            self.clients["caption"] = LLMClient(cap.caption.endpoint, store)
-        self.encoder = pair_filter.TextEncoder(cap.filter.encoder, cap.filter.encoder_batch_size)
-
-    async def _one(self, result: VideoResult) -> VideoResult:
-        result = dedup.dedup_clips(result, self.cap.filter)
-        result = await caption.acaption(result, self.cap.caption, self.clients.get("caption"))
-        return await instruct.ainstruct(result, self.cap.instruct, self.clients["instruct"],
-                                        self.cap.keep_source_caption_pair)
-
-    async def _all(self, results):
-        return list(await asyncio.gather(*(self._one(r) for r in results)))
-
-    def run(self, results: list[VideoResult]) -> list[VideoResult]:
-        results = self.runner.run(self._all(results))
-        return pair_filter.filter_results(results, self.cap.filter, self.encoder)
-
-    def close(self) -> None:
-        for client in self.clients.values():
-            self.runner.run(client.aclose())
-        self.runner.close()
 
 
 def _load_captioning(run_dir: Path, cfg: RunConfig | CaptioningConfig | None) -> CaptioningConfig:
@@ -107,15 +80,33 @@ def _load_captioning(run_dir: Path, cfg: RunConfig | CaptioningConfig | None) ->
     return cap
 
 
+def _commit_part(out: Path, name: str, version: str, results: list[VideoResult]) -> dict:
+    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, failure_row, pair_rows
+
+    samples = [s for r in results for s in r.samples]
+    failures = [f for r in results for f in r.failures]
+    _write_table(out / f"{name}.pairs.parquet", [row for s in samples for row in pair_rows(s, name)], PAIR_SCHEMA)
+    _write_table(out / f"{name}.failures.parquet", [failure_row(f, name) for f in failures], FAILURE_SCHEMA)
+    stats = {"shard": name, "version": version, "committed_at": time.time(), "num_clips": len(samples),
+             "num_pairs": sum(len(s.pairs) for s in samples), "num_failures": len(failures),
+             "failures_by_reason": dict(Counter(f.reason for f in failures)),
+             "video_ids": [r.video_id for r in results]}
+    tmp = out / f"{name}.stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    os.replace(tmp, out / f"{name}.stats.json")
+    return stats
+
+
 def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = None, version: str | None = None,
                 progress: bool = True) -> dict:
     """Generate pairs for the clips of `run_dir`'s committed shards as annotation version `version`
     (default: the instruct prompt version). Resumable per part; returns counts and LLM usage."""
     from pipeline.resume import committed_stats
-    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, SHARDS_DIR, failure_row, pair_rows
+    from stages.shard import SHARDS_DIR
 
     run_dir = Path(run_dir)
     cap = _load_captioning(run_dir, cfg)
+    run_cfg = cfg if isinstance(cfg, RunConfig) else RunConfig(captioning=cap)
     version = version or cap.instruct.prompt_version
     out = run_dir / ANNOTATIONS_DIR / version
     out.mkdir(parents=True, exist_ok=True)
@@ -124,48 +115,31 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
         leftover.unlink()
     parts = [p for p in committed_stats(run_dir) if p["num_samples"] > 0]
     committed = {p["shard"] for p in parts if (out / f"{p['shard']}.stats.json").exists()}
-    dedup_ids = set()
-    for p in parts:
-        if p["shard"] in committed:
-            dedup_ids.update(p["video_ids"])
+    done_ids = {v for p in parts if p["shard"] in committed for v in p["video_ids"]}
+    todo = [p["shard"] for p in parts if p["shard"] not in committed]
+    expected = {name: set(pq.read_table(run_dir / SHARDS_DIR / f"{name}.clips.parquet",
+                                        columns=["video_id"]).column("video_id").to_pylist()) for name in todo}
     counts = Counter(parts=len(parts), skipped=len(committed))
     started = time.time()
-    with maybe_server(cap, run_dir) as base_url:
-        cap_run = with_server(cap, base_url)
-        dedup = dataset_dedup(cap_run, out / "dedup.jsonl", dedup_ids)
-        chain = _LocalChain(cap_run, cache_dir(cap_run, run_dir))
-        try:
-            for part in parts:
-                name = part["shard"]
-                if name in committed:
-                    continue
-                results = chain.run(read_part(run_dir / SHARDS_DIR / f"{name}.tar"))
-                results = [dedup.apply(r) if not r.failed else r for r in results]
-                samples = [s for r in results for s in r.samples]
-                failures = [f for r in results for f in r.failures]
-                _write_table(out / f"{name}.pairs.parquet", [row for s in samples for row in pair_rows(s, name)],
-                             PAIR_SCHEMA)
-                _write_table(out / f"{name}.failures.parquet", [failure_row(f, name) for f in failures],
-                             FAILURE_SCHEMA)
-                stats = {"shard": name, "version": version, "committed_at": time.time(),
-                         "num_clips": len(samples), "num_pairs": sum(len(s.pairs) for s in samples),
-                         "num_failures": len(failures),
-                         "failures_by_reason": dict(Counter(f.reason for f in failures)),
-                         "video_ids": [r.video_id for r in results]}
-                tmp = out / f"{name}.stats.json.tmp"
-                tmp.write_text(json.dumps(stats, indent=1), encoding="utf-8")
-                os.replace(tmp, out / f"{name}.stats.json")
-                counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
-                              failures=stats["num_failures"])
-                if progress:
-                    log.info("annotations %s: %s committed (%d pairs, %d failures)", version, name,
-                             stats["num_pairs"], stats["num_failures"])
-        finally:
-            chain.close()
-            usage = {name: c.usage for name, c in chain.clients.items()}
-            write_usage(out / "usage" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.json", usage)
+    usage: dict = {}
+    with captioning_session(run_cfg, run_dir, done_ids, out / "dedup.jsonl") as session:
+        if todo:
+            ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)
+            arrived: dict[str, list[VideoResult]] = defaultdict(list)
+            for row in ds.iter_rows():
+                result = session.finish(from_row(row))  # stops at a rejected endpoint, before any commit
+                name = row["part"]
+                arrived[name].append(result)
+                if {r.video_id for r in arrived[name]} >= expected[name]:
+                    stats = _commit_part(out, name, version, sorted(arrived.pop(name), key=lambda r: r.video_id))
+                    counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
+                                  failures=stats["num_failures"])
+                    if progress:
+                        log.info("annotations %s: %s committed (%d pairs, %d failures)", version, name,
+                                 stats["num_pairs"], stats["num_failures"])
+        usage = session.usage()
     return {"version": version, "out": str(out), "seconds": round(time.time() - started, 2), **counts,
-            "usage": {name: u.to_dict() for name, u in usage.items()}}
+            "usage": usage}
 
 
 def _check_version_config(path: Path, cap: CaptioningConfig) -> None:

@@ -1,9 +1,11 @@
-"""Captioning in a build: caption -> instruct -> filter on Ray actor pools.
+"""Captioning on Ray: caption -> instruct -> filter as actor pools, for `hicom build` and `hicom caption`.
 
-`captioning_session(cfg, run_dir, committed_ids)` starts the embedded server when configured, gives the Ray
-stages to append after the pairs stage (`ds.map_batches(stage, **options)`), and `session.finish(result)`
-applies the dataset-wide dedup in the driver before a video is committed. `hicom caption RUN_DIR` (a new
-annotation version over existing shards) lives in `pipeline/caption_command.py`.
+`caption_stages(cfg, run_dir)` gives the stages to append to any Ray Dataset of video rows
+(`apply_stages(ds, stages)`); `captioning_session` also starts the embedded server when configured, applies
+the dataset-wide dedup in the driver (`session.finish`), stops the run at the first rejected request
+(`session.check`), and logs the usage summary. The LLM stages are async actors with a bounded queue of
+videos each (`queue_videos`): a finished video's slot takes the next one at once, so there is no batch
+barrier. Actor CPU reservations are sized from the cluster so the video stages always keep a CPU.
 """
 from __future__ import annotations
 
@@ -19,17 +21,22 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas import reasons as video_reasons
-from schemas.caption import CaptioningConfig
+from schemas import caption_reasons, reasons as video_reasons
+from schemas.caption import CaptionActorsConfig, CaptioningConfig
 from schemas.config import RunConfig
 from schemas.records import VideoResult
 from stages import caption, dedup, filter as pair_filter, instruct
-from stages.llm_client import LLMClient, ResponseCache, SyncRunner, read_usage, write_usage
+from stages.llm import LLMClient, ResponseCache, read_usage, summary_line, write_usage
 from stages.ray_adapter import from_row, to_row
 
 log = logging.getLogger(__name__)
 ANNOTATIONS_DIR = "annotations"
 USAGE_DIR = "logs/llm_usage"
+VIDEO_PATH_CPUS = 1.0  # probe/split/clip_decode tasks each declare 1 CPU: always left free for them
+
+
+class CaptioningStopped(RuntimeError):
+    """An endpoint rejected a request (401/403/404): the run stops, nothing of the batch is committed."""
 
 
 def cache_dir(cap: CaptioningConfig, run_dir: str | Path) -> Path:
@@ -46,25 +53,28 @@ def with_server(cap: CaptioningConfig, base_url: str | None) -> CaptioningConfig
     return cap.model_copy(update={"instruct": cap.instruct.model_copy(update={"endpoint": endpoint})})
 
 
-# --- Ray: map_batches callables, one client / encoder per actor --------------------------------------
+def _replace_state(batch: pa.Table, results: list[VideoResult]) -> pa.Table:
+    """The batch with each row's `state` replaced (other columns, e.g. a shard part name, pass through)."""
+    states = pa.array([to_row(r)["state"] for r in results], pa.binary())
+    return batch.set_column(batch.schema.get_field_index("state"), "state", states)
 
-class _BatchStage:
-    """A `map_batches` callable class over pyarrow batches of `{"video_id", "state"}` rows. Each video is
-    guarded: an exception fails that video (internal_error), never the batch or the run."""
+
+class _LLMStage:
+    """An async `map_batches` callable: one client per stage and actor, every video of a call concurrently,
+    each guarded (an exception fails that video with internal_error, never the run)."""
 
     name = "stage"
 
     def __init__(self, captioning: dict, cache: str, usage_dir: str):
         self.cfg = CaptioningConfig.model_validate(captioning)
-        self.cache = ResponseCache(cache)
+        self.cache = ResponseCache(cache) if self.cfg.cache_responses else None
         self.usage_path = Path(usage_dir) / f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        self.runner = SyncRunner()
         self.clients: dict[str, LLMClient] = {}
 
     async def process(self, result: VideoResult) -> VideoResult:
         raise NotImplementedError
 
-    async def _guarded(self, result: VideoResult) -> VideoResult:
+    async def guarded(self, result: VideoResult) -> VideoResult:
         if result.failed:
             return result
         try:
@@ -73,24 +83,14 @@ class _BatchStage:
             log.exception("%s failed on %s", self.name, result.video_id)
             return result.fail_video(self.name, video_reasons.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
-    async def _all(self, results: list[VideoResult]) -> list[VideoResult]:
-        return list(await asyncio.gather(*(self._guarded(r) for r in results)))
-
-    def run(self, results: list[VideoResult]) -> list[VideoResult]:
-        results = self.runner.run(self._all(results))
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        results = await asyncio.gather(*(self.guarded(from_row(row)) for row in batch.to_pylist()))
         if self.clients:
             write_usage(self.usage_path, {name: c.usage for name, c in self.clients.items()})
-        return results
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        results = self.run([from_row(r) for r in rows])
-        out = [to_row(r) for r in results]
-        return pa.table({"video_id": pa.array([r["video_id"] for r in out], pa.string()),
-                         "state": pa.array([r["state"] for r in out], pa.binary())})
+        return _replace_state(batch, list(results))
 
 
-class CaptionStage(_BatchStage):
+class CaptionStage(_LLMStage):
     """Drop near-duplicate clips of a video (before any LLM is paid), then dense captions."""
 
     name = caption.STAGE
@@ -105,7 +105,7 @@ class CaptionStage(_BatchStage):
         return await caption.acaption(result, self.cfg.caption, self.clients.get("caption"))
 
 
-class InstructStage(_BatchStage):
+class InstructStage(_LLMStage):
     name = instruct.STAGE
 
     def __init__(self, captioning: dict, cache: str, usage_dir: str):
@@ -117,13 +117,14 @@ class InstructStage(_BatchStage):
                                         self.cfg.keep_source_caption_pair)
 
 
-class FilterStage(_BatchStage):
-    """Rules, duplicates and encoder scores; the encoder is loaded on the actor's first batch."""
+class FilterStage:
+    """Rules, duplicates and encoder scores over a batch of videos (one encoder pass); the encoder is
+    loaded on the actor's first batch."""
 
     name = pair_filter.STAGE
 
     def __init__(self, captioning: dict, cache: str, usage_dir: str):
-        super().__init__(captioning, cache, usage_dir)
+        self.cfg = CaptioningConfig.model_validate(captioning)
         self.encoder = pair_filter.TextEncoder(self.cfg.filter.encoder, self.cfg.filter.encoder_batch_size)
 
     def run(self, results: list[VideoResult]) -> list[VideoResult]:
@@ -139,26 +140,98 @@ class FilterStage(_BatchStage):
                     r.fail_video(self.name, video_reasons.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         return results
 
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _replace_state(batch, self.run([from_row(row) for row in batch.to_pylist()]))
+
+
+def actor_cpus(actors: CaptionActorsConfig, cluster_cpus: float) -> tuple[float, float]:
+    """CPU reservations (per LLM actor, per filter actor) that leave `VIDEO_PATH_CPUS` to the video stages.
+    Unset values are sized to fit; explicit ones that do not fit are refused with the settings to change."""
+    budget = cluster_cpus - VIDEO_PATH_CPUS
+    n_llm = 2 * actors.llm_actors  # caption and instruct pools
+    llm = actors.llm_actor_cpus or min(0.25, max(budget, 0.0) * 0.2 / n_llm)
+    left = budget - n_llm * llm
+    filter_cpus = actors.filter_actor_cpus or min(1.0, left / actors.filter_actors)
+    needed = VIDEO_PATH_CPUS + n_llm * llm + actors.filter_actors * filter_cpus
+    if budget <= 0 or llm <= 0 or filter_cpus <= 0 or needed > cluster_cpus + 1e-9:
+        raise ValueError(
+            f"captioning actors need {needed:.2f} CPUs beside {VIDEO_PATH_CPUS:g} for the video stages, the "
+            f"cluster has {cluster_cpus:g}: the run would hang. Lower captioning.actors.llm_actors / "
+            "llm_actor_cpus / filter_actors / filter_actor_cpus (unset CPU values are sized automatically), "
+            "or give Ray more CPUs (ray.num_cpus or a bigger cluster)")
+    return llm, filter_cpus
+
+
+def _cluster_cpus(cfg: RunConfig) -> float:
+    import ray
+
+    from pipeline.build import init_ray  # lazy: build imports this module
+
+    init_ray(cfg)
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
 
 def caption_stages(cfg: RunConfig, run_dir: str | Path, base_url: str | None = None,
-                   run_stamp: str | None = None) -> list[tuple[type, dict]]:
+                   run_stamp: str | None = None, cluster_cpus: float | None = None) -> list[tuple[type, dict]]:
     """The captioning stages to append after `pairs`: `ds = ds.map_batches(stage, **options)` for each.
     `base_url`: the embedded server's URL when one runs (see `captioning_session`). Empty when the run has
-    no enabled `captioning` section."""
+    no enabled `captioning` section. Actor CPUs are sized from `ray.cluster_resources()`."""
+    import ray
+
     cap = getattr(cfg, "captioning", None)
     if cap is None or not cap.enabled:
         return []
     cap = with_server(cap, base_url)
+    a = cap.actors
+    llm_cpus, filter_cpus = actor_cpus(a, _cluster_cpus(cfg) if cluster_cpus is None else cluster_cpus)
     usage_dir = Path(run_dir) / USAGE_DIR / (run_stamp or time.strftime("%Y%m%d-%H%M%S"))
     kwargs = {"captioning": cap.model_dump(mode="json"), "cache": str(cache_dir(cap, run_dir)),
               "usage_dir": str(usage_dir)}
-    a = cap.actors
-    common = {"fn_constructor_kwargs": kwargs, "batch_size": a.batch_videos, "batch_format": "pyarrow"}
-    return [
-        (CaptionStage, {**common, "concurrency": a.llm_actors, "num_cpus": a.llm_actor_cpus}),
-        (InstructStage, {**common, "concurrency": a.llm_actors, "num_cpus": a.llm_actor_cpus}),
-        (FilterStage, {**common, "concurrency": a.filter_actors, "num_cpus": a.filter_actor_cpus}),
-    ]
+    common = {"fn_constructor_kwargs": kwargs, "batch_format": "pyarrow"}
+    llm = {**common, "batch_size": 1, "num_cpus": llm_cpus,
+           "compute": ray.data.ActorPoolStrategy(size=a.llm_actors, max_tasks_in_flight_per_actor=a.queue_videos,
+                                                 max_concurrent_calls_per_actor=a.queue_videos)}
+    return [(CaptionStage, llm), (InstructStage, llm),
+            (FilterStage, {**common, "batch_size": a.batch_videos, "concurrency": a.filter_actors,
+                           "num_cpus": filter_cpus})]
+
+
+def apply_stages(ds, stages: list[tuple[type, dict]]):
+    """`ds` (rows with `video_id` and `state`) through the captioning stages: one adapter for every command."""
+    for stage, options in stages:
+        ds = ds.map_batches(stage, **options)
+    return ds
+
+
+def stop_reason(result: VideoResult) -> str | None:
+    """The detail of a failure that must stop the run (an endpoint rejected the request), or None."""
+    return next((f.detail for f in result.failures if f.reason in caption_reasons.STOP_RUN), None)
+
+
+def check(result: VideoResult) -> None:
+    """Raise CaptioningStopped before `result` (or anything after it) is committed, if an endpoint rejected
+    one of its requests."""
+    detail = stop_reason(result)
+    if detail is not None:
+        raise CaptioningStopped(f"stopped before committing {result.video_id}: {detail}. Nothing of this batch "
+                                "was committed; fix the endpoint settings and rerun the same command")
+
+
+def deferred_message(n_videos: int, usage: dict) -> str:
+    """Exit-3 message: how many videos wait for a rerun, and each endpoint's last error."""
+    errors = "; ".join(f"{stage}: {u['last_error']}" for stage, u in sorted(usage.items()) if u.get("last_error"))
+    return (f"{n_videos} videos were not committed because an LLM endpoint was unavailable "
+            f"(last error: {errors or 'unknown'}); rerun the same command to finish them (answers already "
+            "received are cached)")
+
+
+def log_usage(usage: dict) -> None:
+    """The usage summary, one line per stage, into the run's log (hicom.log)."""
+    for stage, u in sorted(usage.items()):
+        log.info("%s", summary_line(stage, u))
+    if any(u.get("failed") for u in usage.values()):
+        log.info("clips whose requests failed for good were committed without those pairs (failures say why); "
+                 "`hicom caption RUN_DIR` generates them as a new annotation version")
 
 
 def dataset_dedup(cap: CaptioningConfig, state_path: Path, committed_video_ids: set[str]):
@@ -167,23 +240,28 @@ def dataset_dedup(cap: CaptioningConfig, state_path: Path, committed_video_ids: 
 
 @dataclass
 class CaptioningSession:
-    """What `hicom build` needs for captioning: Ray stages, the driver-side dedup, usage totals."""
+    """What a command needs for captioning: Ray stages, the driver-side dedup and stop check, usage."""
 
     stages: list[tuple[type, dict]] = field(default_factory=list)
     dedup: dedup.DatasetDedup | None = None
     usage_dir: Path | None = None
 
     def finish(self, result: VideoResult) -> VideoResult:
-        """Dataset-wide duplicates (driver side, commit order); call on each result before committing it."""
+        """Stop on a rejected endpoint, then dataset-wide duplicates (driver side, commit order); call on
+        each result before committing it."""
+        check(result)
         return self.dedup.apply(result) if self.dedup is not None and not result.failed else result
 
     def usage(self) -> dict:
-        return read_usage(self.usage_dir) if self.usage_dir and self.usage_dir.exists() else {}
+        """Usage totals per stage (also logged)."""
+        usage = read_usage(self.usage_dir) if self.usage_dir and self.usage_dir.exists() else {}
+        log_usage(usage)
+        return usage
 
 
 @contextlib.contextmanager
-def captioning_session(cfg: RunConfig, run_dir: str | Path,
-                       committed_video_ids: set[str] = frozenset()) -> Iterator[CaptioningSession]:
+def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_video_ids: set[str] = frozenset(),
+                       dedup_state: Path | None = None) -> Iterator[CaptioningSession]:
     """Start the embedded server if configured (stopped on exit, whatever happens) and yield the session.
     A run without an enabled `captioning` section yields an empty session (no stages, finish = identity)."""
     cap = getattr(cfg, "captioning", None)
@@ -191,11 +269,11 @@ def captioning_session(cfg: RunConfig, run_dir: str | Path,
         yield CaptioningSession()
         return
     run_dir = Path(run_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with maybe_server(cap, run_dir) as base_url:
         yield CaptioningSession(
             stages=caption_stages(cfg, run_dir, base_url, stamp),
-            dedup=dataset_dedup(cap, run_dir / "cache" / "dedup.jsonl", set(committed_video_ids)),
+            dedup=dataset_dedup(cap, dedup_state or run_dir / "cache" / "dedup.jsonl", set(committed_video_ids)),
             usage_dir=run_dir / USAGE_DIR / stamp)
 
 

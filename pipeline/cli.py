@@ -93,8 +93,9 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
         raise
     _print_build(report, args.dry_run)
     if report.deferred:
-        log.warning("%d videos were not committed because an LLM endpoint was unavailable; rerun the same "
-                    "command to finish them (answers already received are cached)", len(report.deferred))
+        from pipeline.captioning import deferred_message
+
+        log.warning("%s", deferred_message(len(report.deferred), report.llm_usage))
         return EXIT_INCOMPLETE
     return 0
 

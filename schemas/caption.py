@@ -79,8 +79,9 @@ class CaptionConfig(_Config):
         return self
 
 
-PAIR_KINDS = ("open_question", "focused_description", "temporal", "counting", "attribute", "multiple_choice")
-PairKind = Literal["open_question", "focused_description", "temporal", "counting", "attribute", "multiple_choice"]
+PairKind = Literal["open_question", "focused_description", "temporal", "counting", "attribute", "multiple_choice",
+                   "instruction_followed_description"]
+PAIR_KINDS = PairKind.__args__
 
 KIND_GUIDE = {
     "open_question": "an open question about what happens in the clip",
@@ -90,6 +91,8 @@ KIND_GUIDE = {
     "attribute": "asks about a property of something: colour, size, clothing, position",
     "multiple_choice": "a question followed by options A. B. C. D. in the instruction; the answer starts "
                        "with the right letter",
+    "instruction_followed_description": "names one specific person or object seen in the clip and asks for a "
+                                        "description of it; the answer describes it in detail (HICom-248K)",
 }
 
 DEFAULT_INSTRUCT_PROMPT = """\
@@ -118,6 +121,23 @@ Kinds: $kinds
 """
 
 
+# Step 2 of the paper's chain of thought (HICom-248K, section 3.2): the VLM sees the clip's frames *and* the
+# detailed caption it wrote in step 1, and writes pairs of the one kind `instruction_followed_description`.
+CHAIN_OF_THOUGHT_PROMPT = """\
+The images are $num_frames frames sampled in time order from a video clip of $duration_s seconds. \
+A detailed description of the clip:
+$caption
+
+Write $n instruction-answer pairs about this clip. Rules:
+1. Each instruction refers to specific visual content in the clip: a person, an animal or an object, named \
+by what it looks like or does (for example "the man in the red jacket").
+2. Each instruction asks for a description of that content, and its answer describes it in detail: \
+appearance, position, actions and changes over time, using only what the frames and the description show.
+3. Each pair is about different content. Never say that something is not provided or not described.
+Answer in JSON: {"pairs": [{"kind": "instruction_followed_description", "instruction": "...", "answer": "..."}]}
+"""
+
+
 class InstructConfig(_Config):
     """Instruction/answer generation from the dense caption (+ title, duration)."""
 
@@ -129,9 +149,24 @@ class InstructConfig(_Config):
     # (better for very small models, more prompt tokens).
     pairs_per_request: int | None = Field(None, ge=1)
     system_prompt: str | None = None  # None: the template goes in the user turn (base models, few-shot)
-    prompt: str = DEFAULT_INSTRUCT_PROMPT  # $caption, $title, $duration_s, $kinds, $n
+    # caption: an LLM writes pairs from the dense caption (+ title, duration); frames_and_caption: a VLM sees
+    # `num_frames` frames as images *and* the caption (step 2 of the paper's chain of thought).
+    input: Literal["caption", "frames_and_caption"] = "caption"
+    # $caption, $title, $duration_s, $kinds, $n, $num_frames; None: DEFAULT_INSTRUCT_PROMPT for `caption`,
+    # CHAIN_OF_THOUGHT_PROMPT for `frames_and_caption`
+    prompt: str | None = None
     prompt_version: str = "instruct-v1"
     max_caption_chars: int = Field(4000, ge=1)  # longer captions are cut (prompt budget)
+    num_frames: int = Field(8, ge=1)  # frames_and_caption: images sent, uniformly picked from the clip's frames
+    image_size_px: int = Field(384, ge=16)  # longest side of each image sent
+    image_detail: Literal["low", "high", "auto"] = "low"
+
+    @property
+    def template(self) -> str:
+        """The prompt this config sends (the configured one, or the default of its `input`)."""
+        if self.prompt is not None:
+            return self.prompt
+        return CHAIN_OF_THOUGHT_PROMPT if self.input == "frames_and_caption" else DEFAULT_INSTRUCT_PROMPT
 
     @field_validator("kinds")
     @classmethod
@@ -142,7 +177,8 @@ class InstructConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> "InstructConfig":
-        _check_template(self.prompt, {"caption", "title", "duration_s", "kinds", "n"}, "instruct.prompt")
+        _check_template(self.template, {"caption", "title", "duration_s", "kinds", "n", "num_frames"},
+                        "instruct.prompt")
         if not re.match(r"^[A-Za-z0-9._-]+$", self.prompt_version):
             raise ValueError("instruct.prompt_version: letters, digits, '.', '_' and '-' only (it is in ids)")
         return self
@@ -159,6 +195,11 @@ class FilterConfig(_Config):
     max_answer_words: int = 250
     max_repeated_ngram_frac: float = 0.2  # share of repeated word 3-grams in a text
     copy_overlap: float = 0.85  # answer/instruction token Jaccard at or above: a copy
+    # Answers with invalid content (HICom-248K's filter: "not provide", "not describe"): case-insensitive
+    # phrases, matched on word boundaries; an empty list disables the rule.
+    invalid_answer_phrases: list[str] = Field(default_factory=lambda: [
+        "not provide", "not provided", "not describe", "not described", "not mention", "not mentioned",
+        "not specified"])
     target_language: str | None = "en"  # ISO 639-1; None: no language rule
     near_duplicate_cosine: float = 0.93  # instruction embeddings within a clip
     near_duplicate_jaccard: float = 0.8  # instruction token sets within a clip
@@ -193,13 +234,19 @@ class EmbeddedServerConfig(_Config):
 
 
 class CaptionActorsConfig(_Config):
-    """Ray actor pools for the captioning stages (LLM waits are I/O: small CPU reservations)."""
+    """Ray actor pools for the captioning stages. LLM waits are I/O: small CPU reservations. The CPU
+    reservations left at None are sized from the cluster (`ray.cluster_resources()`) so that the video
+    stages always keep a CPU; explicit values that leave none are refused at start."""
 
     llm_actors: int = Field(1, ge=1)  # per LLM stage; each runs `max_concurrency` requests at once
-    llm_actor_cpus: float = Field(0.25, gt=0)
+    llm_actor_cpus: float | None = Field(None, gt=0)  # None: 0.25, less on a small cluster
     filter_actors: int = Field(1, ge=1)
-    filter_actor_cpus: float = Field(1.0, gt=0)
-    batch_videos: int = Field(8, ge=1)  # videos per actor call; their clips' requests run concurrently
+    filter_actor_cpus: float | None = Field(None, gt=0)  # None: 1, less on a small cluster
+    # Videos in flight per LLM actor (a bounded queue): a finished video's slot takes the next video at once,
+    # so no request waits for the slowest request of another video.
+    queue_videos: int = Field(16, ge=1)
+    # Videos per filter call (one encoder pass). 1 by default: a batch of several waits for its slowest video.
+    batch_videos: int = Field(1, ge=1)
 
 
 class CaptioningConfig(_Config):
@@ -213,6 +260,7 @@ class CaptioningConfig(_Config):
     actors: CaptionActorsConfig = Field(default_factory=CaptionActorsConfig)
     keep_source_caption_pair: bool = True  # the manifest caption pair stays beside the generated pairs
     cache_dir: str | None = None  # response cache; None: <run_dir>/cache/llm
+    cache_responses: bool = True  # off: every run pays again (benchmarks, endpoints whose answers must be fresh)
 
 
 def _check_template(text: str, allowed: set[str], where: str) -> None:

@@ -5,7 +5,8 @@ can be lost, so SQL can group by them. Kept apart from `schemas/reasons.py` (the
 NO_CAPTION = "no_caption"  # no source caption and no VLM configured
 CAPTION_REQUEST_FAILED = "caption_request_failed"  # the VLM refused the request (4xx other than 408/429)
 CAPTION_UNAVAILABLE = "caption_unavailable"  # the VLM endpoint stayed unreachable/overloaded past the retries
-CAPTION_EMPTY = "caption_empty"  # the VLM answered nothing usable
+CAPTION_EMPTY = "caption_empty"  # the VLM answered nothing usable (after the retries; never cached)
+ENDPOINT_REJECTED = "endpoint_rejected"  # 401/403/404: wrong key, model or path; the run stops (exit 2)
 # instruct (one failure per expected pair id `<clip_id>-<prompt_version>-q<i>`)
 LLM_REQUEST_FAILED = "llm_request_failed"  # the endpoint refused the request (4xx other than 408/429)
 LLM_UNAVAILABLE = "llm_unavailable"  # timeouts, connection errors, 429 or 5xx past the retry budget
@@ -21,6 +22,7 @@ ANSWER_TOO_SHORT = "answer_too_short"
 ANSWER_TOO_LONG = "answer_too_long"
 REPETITIVE = "repetitive_text"
 REFUSAL = "refusal"
+INVALID_ANSWER = "invalid_answer"  # "not provide", "not describe", ... (HICom-248K's filter; phrases in config)
 ANSWER_COPIES_INSTRUCTION = "answer_copies_instruction"
 WRONG_LANGUAGE = "wrong_language"
 BAD_MULTIPLE_CHOICE = "bad_multiple_choice"
@@ -39,3 +41,5 @@ INSTRUCTION_NOT_GROUNDED = "instruction_not_grounded"  # asks about things the c
 # A video with one of these is not committed: the endpoint was away, so a rerun (same command) retries it,
 # and responses that did arrive come from the cache.
 RETRY_LATER = frozenset({CAPTION_UNAVAILABLE, LLM_UNAVAILABLE})
+# A video with this failure stops the run before anything of its batch is committed (exit 2).
+STOP_RUN = frozenset({ENDPOINT_REJECTED})

@@ -1,9 +1,12 @@
-"""Instruct: an LLM turns a clip's dense caption (+ title, duration) into N instruction/answer pairs.
+"""Instruct: an LLM (or a VLM) turns a clip's dense caption into N instruction/answer pairs.
 
-Kinds are cycled from the config to N and asked for in order, `pairs_per_request` at a time. The endpoint's
-structured output constrains the reply to a JSON schema where it can; the reply is parsed (repaired when it
-is wrapped in prose or code fences, or cut off) and validated by pydantic item by item. Every expected pair
-id `<clip_id>-<prompt_version>-q<i>` ends as a pair or as a Failure with a reason.
+Kinds are cycled from the config to N and asked for in order, `pairs_per_request` at a time. With
+`input: frames_and_caption` the request also carries the clip's frames as images: step 2 of the paper's
+chain of thought (the caption is step 1). The reply's JSON schema is built from the pydantic models below
+and constrains the output where the endpoint can; the reply is parsed (repaired when it is wrapped in prose
+or code fences, or cut off) and validated item by item. A reply without all the pairs asked for is retried
+and never cached; after the retries what could be salvaged is kept. Every expected pair id
+`<clip_id>-<prompt_version>-q<i>` ends as a pair or as a Failure with a reason.
 """
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ import json
 import logging
 import re
 from string import Template
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from schemas import caption_reasons as reasons
 from schemas.caption import InstructConfig
 from schemas.records import AnnotationSample, Failure, QAPair, ShardSample, Turn, VideoResult
-from stages.caption import VIDEO_TOKEN, has_annotations, video_title
-from stages.llm_client import LLMClient, LLMError, SyncRunner
+from stages.caption import VIDEO_TOKEN, has_annotations, image_parts, pick_frames, request_failure_reason, \
+    response_format, video_title
+from stages.llm import ChatResult, LLMClient, LLMError
 
 log = logging.getLogger(__name__)
 STAGE = "instruct"
@@ -29,7 +34,8 @@ RESOURCES = {"num_cpus": 0.25}  # waits on the endpoint
 class GeneratedPair(BaseModel):
     """One pair as the LLM writes it."""
 
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True,
+                              json_schema_extra={"additionalProperties": False})
     kind: str = ""
     instruction: str
     answer: str
@@ -40,6 +46,16 @@ class GeneratedPair(BaseModel):
         if not isinstance(value, str):
             raise ValueError("must be a string")
         return value
+
+
+def pairs_schema(kinds: list[str], n: int) -> dict:
+    """The reply's JSON schema, from pydantic models: exactly `n` pairs of the kinds asked for (a grammar
+    keeps small models on them)."""
+    kind_type = Literal[tuple(sorted(set(kinds)))]
+    item = create_model("InstructionPair", __base__=GeneratedPair, kind=(kind_type, ...))
+    reply = create_model("InstructionPairs", __config__=ConfigDict(json_schema_extra={"additionalProperties": False}),
+                         pairs=(list[item], Field(min_length=n, max_length=n)))
+    return reply.model_json_schema()
 
 
 def clip_kinds(cfg: InstructConfig) -> list[str]:
@@ -54,33 +70,23 @@ def request_plan(cfg: InstructConfig) -> list[list[tuple[int, str]]]:
     return [indexed[i:i + per] for i in range(0, len(indexed), per)]
 
 
-def pairs_schema(kinds: list[str], n: int) -> dict:
-    item = {"type": "object", "additionalProperties": False, "required": ["kind", "instruction", "answer"],
-            "properties": {"kind": {"type": "string", "enum": sorted(set(kinds))},
-                           "instruction": {"type": "string"}, "answer": {"type": "string"}}}
-    return {"type": "object", "additionalProperties": False, "required": ["pairs"],
-            "properties": {"pairs": {"type": "array", "items": item, "minItems": n, "maxItems": n}}}
-
-
-def response_format(mode: str, schema: dict) -> dict | None:
-    if mode == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": "instruction_pairs", "schema": schema, "strict": True}}
-    if mode == "json_object_schema":
-        return {"type": "json_object", "schema": schema}
-    if mode == "json_object":
-        return {"type": "json_object"}
-    return None
-
-
-def prompt_text(cfg: InstructConfig, caption: str, title: str, duration_s: float, kinds: list[str]) -> str:
+def prompt_text(cfg: InstructConfig, caption: str, title: str, duration_s: float, kinds: list[str],
+                num_frames: int = 0) -> str:
     caption = " ".join(caption.split())[:cfg.max_caption_chars]
-    return Template(cfg.prompt).substitute(caption=caption, title=title or "unknown",
-                                           duration_s=f"{duration_s:.1f}", kinds=", ".join(kinds), n=len(kinds))
+    return Template(cfg.template).substitute(caption=caption, title=title or "unknown", num_frames=num_frames,
+                                             duration_s=f"{duration_s:.1f}", kinds=", ".join(kinds), n=len(kinds))
 
 
-def build_messages(cfg: InstructConfig, caption: str, title: str, duration_s: float, kinds: list[str]) -> list[dict]:
+def build_messages(cfg: InstructConfig, sample: ShardSample, title: str, kinds: list[str]) -> list[dict]:
+    """The request: the prompt (+ the clip's frames as images with `input: frames_and_caption`)."""
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return messages + [{"role": "user", "content": prompt_text(cfg, caption, title, duration_s, kinds)}]
+    clip = sample.clip
+    if cfg.input == "caption":
+        return messages + [{"role": "user", "content": prompt_text(cfg, clip.caption, title, clip.duration_s, kinds)}]
+    frames = pick_frames(sample.frames, cfg.num_frames)
+    text = prompt_text(cfg, clip.caption, title, clip.duration_s, kinds, len(frames))
+    return messages + [{"role": "user", "content": [
+        {"type": "text", "text": text}, *image_parts(frames, cfg.num_frames, cfg.image_size_px, cfg.image_detail)]}]
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -146,12 +152,28 @@ def make_pair(clip_id: str, index: int, kind: str, generated: GeneratedPair, cfg
     return sample, pair
 
 
+def pairs_validator(n: int):
+    """A reply counts (and is cached) only when it holds `n` pairs that validate."""
+
+    def validate(reply: ChatResult) -> None:
+        items, problem = parse_reply(reply.text)
+        if problem is not None or len(items) < n:
+            raise ValueError(f"{problem or reasons.LLM_MISSING_PAIR}: {len(items)} of {n} pairs: {reply.text[:200]!r}")
+        for item in items[:n]:
+            try:
+                GeneratedPair.model_validate(item)
+            except ValidationError as exc:
+                raise ValueError(f"{reasons.LLM_SCHEMA_INVALID}: {exc.error_count()} error(s)") from None
+
+    return validate
+
+
 async def _one_request(sample: ShardSample, video_id: str, title: str, planned: list[tuple[int, str]],
                        cfg: InstructConfig, client: LLMClient) -> tuple[list[tuple[AnnotationSample, QAPair]],
                                                                       list[Failure]]:
     clip = sample.clip
     kinds = [k for _, k in planned]
-    schema = pairs_schema(kinds, len(planned))  # only the kinds asked for: a grammar keeps small models on them
+    schema = pairs_schema(kinds, len(planned))
     item_ids = [f"{clip.id}-{cfg.prompt_version}-q{i}" for i, _ in planned]
 
     def failures(ids: list[str], reason: str, detail: str) -> list[Failure]:
@@ -159,12 +181,16 @@ async def _one_request(sample: ShardSample, video_id: str, title: str, planned: 
                         source=clip.source) for i in ids]
 
     try:
-        reply = await client.chat(build_messages(cfg, clip.caption, title, clip.duration_s, kinds),
-                                  prompt_version=cfg.prompt_version,
-                                  response_format=response_format(client.endpoint.json_mode, schema))
+        reply = await client.chat(build_messages(cfg, sample, title, kinds), prompt_version=cfg.prompt_version,
+                                  response_format=response_format(client.endpoint.json_mode, schema,
+                                                                  "instruction_pairs"),
+                                  validate=pairs_validator(len(planned)))
     except LLMError as exc:
-        reason = reasons.LLM_UNAVAILABLE if exc.transient else reasons.LLM_REQUEST_FAILED
-        return [], failures(item_ids, reason, str(exc))
+        if exc.reply is None:
+            reason = request_failure_reason(exc, reasons.LLM_UNAVAILABLE, reasons.LLM_REQUEST_FAILED,
+                                            reasons.LLM_MALFORMED_JSON)
+            return [], failures(item_ids, reason, str(exc))
+        reply = exc.reply  # invalid after the retries (not cached): keep what can be salvaged
     items, problem = parse_reply(reply.text)
     made, lost = [], []
     for slot, (index, kind) in enumerate(planned):
@@ -216,10 +242,3 @@ async def ainstruct(result: VideoResult, cfg: InstructConfig, client: LLMClient,
     result.samples = [s for s, _ in outcomes]
     result.failures.extend(f for _, fs in outcomes for f in fs)
     return result
-
-
-def apply(result: VideoResult, cfg: InstructConfig, client: LLMClient, runner: SyncRunner | None = None,
-          keep_source_caption_pair: bool = True) -> VideoResult:
-    """Record-level step: sync wrapper over `ainstruct` (pass the runner whose loop owns the client)."""
-    coro = ainstruct(result, cfg, client, keep_source_caption_pair)
-    return asyncio.run(coro) if runner is None else runner.run(coro)

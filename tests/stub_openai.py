@@ -1,10 +1,13 @@
 """A stub OpenAI-compatible server on 127.0.0.1 for tests and the client benchmark.
 
 `POST /v1/chat/completions` answers with `responder(body) -> content` after `latency_s`, or misbehaves:
-- globally: `stub.mode = "400" | "429" | "500" | "hang" | "malformed" | "bad_body" | "ok"`, for the first
-  `stub.fail_times` requests of each input (None: always);
+- globally: `stub.mode = "400" | "401" | "403" | "404" | "429" | "500" | "hang" | "malformed" | "bad_body" |
+  "ok"`, for the first `stub.fail_times` requests of each input (None: always), or for every `stub.every`-th
+  request overall (`stub.every = 3`: requests 3, 6, 9, ...);
 - per input: a marker `[[stub:MODE:N]]` in the last user message fails that input's first N requests.
-`400` is a non-retryable client error; `429` carries `Retry-After: stub.retry_after` (seconds); `hang` sleeps
+`stub.latency_for(body) -> seconds` (optional) gives each request its own latency (a spread).
+`400` is a non-retryable client error, `401/403/404` reject the key/model/path; `429` carries
+`Retry-After: stub.retry_after` (seconds); `hang` sleeps
 `stub.hang_s` (past the client's timeout) and closes the connection without an answer;
 `malformed` answers 200 with a content that is not JSON; `bad_body` answers 200 with a body that is not JSON.
 Requests are counted per input (hash of the messages), so tests can assert that a resume repeats none.
@@ -41,7 +44,9 @@ def echo_responder(body: dict) -> str:
     return json.dumps({"echo": last_user_text(body)[:200]})
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            429: "Too Many Requests", 500: "Internal Server Error"}
+_ERRORS = ("400", "401", "403", "404", "429", "500")
 
 
 class StubOpenAI:
@@ -53,6 +58,9 @@ class StubOpenAI:
         self.latency_s = latency_s
         self.mode = "ok"
         self.fail_times: int | None = None
+        self.every: int | None = None
+        self.latency_for: Callable[[dict], float] | None = None
+        self._arrivals = 0
         self.retry_after = 0.05
         self.hang_s = 5.0
         self.counts: Counter = Counter()  # requests per input
@@ -60,6 +68,9 @@ class StubOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.bodies: list[dict] = []  # every request body, in arrival order
+        self.received_at: list[float] = []  # time.monotonic() of each request's arrival (same order)
+        self.answered_at: list[float] = []  # time.monotonic() of each answer sent
+        self._busy: list[tuple[float, int]] = []  # (time, requests in flight from then on)
         self.auth_headers: set[str] = set()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,7 +144,16 @@ class StubOpenAI:
 
     async def _handle(self, method: str, path: str, headers: dict, raw: bytes):
         if method == "GET" and path == "/stats":
-            return 200, json.dumps({"total": self.total, "max_in_flight": self.max_in_flight,
+            span = (max(self.answered_at) - min(self.received_at)) if self.answered_at else 0.0
+            # mean requests in flight from the first request to the last one's arrival (while work was queued)
+            end = max(self.received_at) if self.received_at else 0.0
+            steps = [(t, n) for t, n in self._busy if t <= end] + [(end, 0)]
+            busy = sum((t2 - t1) * n for (t1, n), (t2, _) in zip(steps, steps[1:]))
+            mean_in_flight = busy / (end - steps[0][0]) if len(steps) > 1 and end > steps[0][0] else 0.0
+            latencies = [self.latency_for(b) if self.latency_for else self.latency_s for b in self.bodies]
+            return 200, json.dumps({"total": self.total, "max_in_flight": self.max_in_flight, "span_s": span,
+                                    "mean_in_flight": mean_in_flight,
+                                    "mean_latency_s": sum(latencies) / max(len(latencies), 1),
                                     "statuses": {str(k): v for k, v in self.statuses.items()}}).encode(), {}
         if method == "GET" and path in ("/v1/models", "/health"):
             return 200, json.dumps({"data": [{"id": "stub"}]}).encode(), {}
@@ -143,37 +163,49 @@ class StubOpenAI:
         key = input_key(body.get("messages", []))
         with self._lock:
             self.bodies.append(body)
+            self.received_at.append(time.monotonic())
             self.auth_headers.add(headers.get("authorization", ""))
             self.counts[key] += 1
             n = self.counts[key]
+            self._arrivals += 1
+            arrival = self._arrivals
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._busy.append((time.monotonic(), self.in_flight))
         try:
-            return await self._reply(key, n, body, headers.get("authorization", ""))
+            return await self._reply(key, n, body, headers.get("authorization", ""), arrival)
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.answered_at.append(time.monotonic())
+                self._busy.append((self.answered_at[-1], self.in_flight))
 
-    def _mode_for(self, key: str, n: int, body: dict) -> str:
-        """The behaviour for the n-th (1-based) request of this input."""
+    def _mode_for(self, key: str, n: int, body: dict, arrival: int = 0) -> str:
+        """The behaviour for the n-th (1-based) request of this input (the `arrival`-th overall)."""
         match = _MARKER.search(last_user_text(body))
         if match:
             return match.group(1) if n <= int(match.group(2)) else "ok"
+        if self.every is not None:
+            return self.mode if arrival % self.every == 0 else "ok"
         if self.mode != "ok" and (self.fail_times is None or n <= self.fail_times):
             return self.mode
         return "ok"
 
-    async def _reply(self, key: str, n: int, body: dict, auth: str = ""):
-        mode = self._mode_for(key, n, body)
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
-        self.statuses[mode if mode in ("hang", "bad_body") else {"400": 400, "429": 429, "500": 500}.get(mode, 200)] += 1
+    async def _reply(self, key: str, n: int, body: dict, auth: str = "", arrival: int = 0):
+        mode = self._mode_for(key, n, body, arrival)
+        latency = self.latency_for(body) if self.latency_for is not None else self.latency_s
+        if latency:
+            await asyncio.sleep(latency)
+        self.statuses[mode if mode in ("hang", "bad_body") else int(mode) if mode in _ERRORS else 200] += 1
         if mode == "hang":
             await asyncio.sleep(self.hang_s)
             return None, b"", {}
         if mode == "400":  # like OpenAI's 401/400 messages, it quotes the key it was given
             message = f"bad request; incorrect API key provided: {auth.removeprefix('Bearer ')}"
             return 400, json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode(), {}
+        if mode in ("401", "403", "404"):
+            message = f"rejected: incorrect API key provided: {auth.removeprefix('Bearer ')}"
+            return int(mode), json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode(), {}
         if mode == "429":
             return 429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}', \
                 {"retry-after": f"{self.retry_after:g}"}
@@ -192,19 +224,25 @@ class StubOpenAI:
         return 200, json.dumps(reply).encode("utf-8"), {}
 
 
-def serve_forever(latency_s: float) -> None:
-    """`python -m tests.stub_openai LATENCY_S`: serve in this process (own GIL), print the base URL."""
+def spread_latency(latency_s: float, slow_every: int, slow_factor: float) -> Callable[[dict], float]:
+    """Every `slow_every`-th input (by hash, so a retry is as slow) takes `slow_factor` x `latency_s`."""
+    def latency_for(body: dict) -> float:
+        slow = slow_every > 0 and int(input_key(body.get("messages", [])), 16) % slow_every == 0
+        return latency_s * (slow_factor if slow else 1.0)
+
+    return latency_for
+
+
+def serve_forever(latency_s: float, slow_every: int = 0, slow_factor: float = 1.0) -> None:
+    """`python -m tests.stub_openai LATENCY_S [SLOW_EVERY SLOW_FACTOR]`: serve in this process (own GIL),
+    print the base URL; `GET /stats` also gives the span from the first request to the last answer."""
     import sys
 
-    with StubOpenAI(latency_s=latency_s) as stub:
+    with StubOpenAI(pairs_responder, latency_s=latency_s) as stub:
+        if slow_every:
+            stub.latency_for = spread_latency(latency_s, slow_every, slow_factor)
         print(stub.base_url, flush=True)
         sys.stdin.read()  # until the parent closes our stdin
-
-
-if __name__ == "__main__":
-    import sys
-
-    serve_forever(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0)
 
 
 # --- fake records and a responder that writes pairs from the prompt (for the caption tests) ----------
@@ -248,18 +286,51 @@ def make_result(video_id: str, captions: list, frame_seed: int = 0, frames_per_c
 
 
 _DESCRIPTION = re.compile(r"Description: (.*?)\nTitle:", re.DOTALL)
+_COT_CAPTION = re.compile(r"A detailed description of the clip:\n(.*?)\n\nWrite", re.DOTALL)
 _KINDS = re.compile(r"Kinds: ([a-z_, ]+)\s*$")
+VLM_CAPTION = "A man in a red jacket walks a brown dog along a sandy beach while waves roll in."
+
+
+def requested_schema(body: dict) -> dict:
+    """The JSON schema of the request's response_format (OpenAI's form or llama.cpp's), or {}."""
+    fmt = body.get("response_format") or {}
+    return (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema") or {}
+
+
+def schema_pairs(schema: dict) -> tuple[int, list[str]] | None:
+    """(number of pairs, kinds) a pairs schema asks for (pydantic's form: $defs, enum or const)."""
+    pairs = (schema.get("properties") or {}).get("pairs")
+    if not pairs:
+        return None
+    kind = next(iter(d["properties"]["kind"] for d in (schema.get("$defs") or {}).values()
+                     if "kind" in d.get("properties", {})), {})
+    kinds = kind.get("enum") or ([kind["const"]] if "const" in kind else ["open_question"])
+    return pairs.get("minItems", len(kinds)), kinds
+
+
+def image_count(body: dict) -> int:
+    return sum(1 for m in body.get("messages", []) if isinstance(m.get("content"), list)
+               for part in m["content"] if part.get("type") == "image_url")
 
 
 def pairs_responder(body: dict) -> str:
-    """Grounded pairs for the last description in the prompt, one per requested kind."""
+    """Grounded pairs for the last description in the prompt, one per requested kind (kinds and count from
+    the request's schema when it has one); a dense caption when the schema asks for one."""
+    schema = requested_schema(body)
+    if "caption" in (schema.get("properties") or {}):
+        return json.dumps({"caption": f"{VLM_CAPTION} ({image_count(body)} frames)"})
     text = last_user_text(body)
-    captions = _DESCRIPTION.findall(text)
+    captions = _DESCRIPTION.findall(text) or _COT_CAPTION.findall(text)
     caption = captions[-1].strip() if captions else "a scene"
+    asked = schema_pairs(schema)
     kinds_match = _KINDS.search(text.strip())
-    kinds = [k.strip() for k in kinds_match.group(1).split(",")] if kinds_match else ["open_question"]
+    if asked is not None and not kinds_match:
+        kinds = [asked[1][i % len(asked[1])] for i in range(asked[0])]
+    else:
+        kinds = [k.strip() for k in kinds_match.group(1).split(",")] if kinds_match else ["open_question"]
     words = [w.strip(".,").lower() for w in caption.split() if len(w.strip(".,")) > 3]
     noun = words[-1] if words else "scene"
+    nouns = [w for w in words if w.isalpha()][:8] or ["scene"]
     questions = {"open_question": "What is happening in this clip?",
                  "focused_description": f"Describe the {noun} in detail.",
                  "temporal": "What happens as the clip goes on?",
@@ -271,8 +342,20 @@ def pairs_responder(body: dict) -> str:
             instruction = (f"What is shown in the clip? A. An empty room B. {caption.rstrip('.')} "
                            f"C. A city at night D. A snowy field")
             answer = f"B. {caption}"
+        elif kind == "instruction_followed_description":
+            subject = nouns[i % len(nouns)]
+            instruction = f"Describe the {subject} that appears in the video in detail, pair {i + 1}."
+            answer = f"The {subject} is part of this scene: {caption[:1].lower()}{caption[1:]}"
         else:
             instruction = questions.get(kind, f"Question {i}: what is in the clip?")
             answer = f"In the clip, {caption[:1].lower()}{caption[1:]}"
         pairs.append({"kind": kind, "instruction": instruction, "answer": answer})
     return json.dumps({"pairs": pairs})
+
+
+if __name__ == "__main__":
+    import sys
+
+    args = sys.argv[1:]
+    serve_forever(float(args[0]) if args else 0.0, int(args[1]) if len(args) > 1 else 0,
+                  float(args[2]) if len(args) > 2 else 1.0)

@@ -127,3 +127,54 @@ def test_api_key_never_written(manifest, tmp_path):
     leaked = [str(p) for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
     assert any(p.name.endswith(".parquet") for p in run.rglob("*"))  # there was something to search
+
+
+def build_cli(cfg: dict, run, tmp_path, env_key: str | None = None) -> int:
+    """`hicom build` in this process (the session's Ray, 2 CPUs); returns the exit code."""
+    from pipeline import cli
+
+    path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return cli.main(["build", str(path), "--out", str(run), "--no-progress"])
+
+
+def committed_files(run) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()
+                  and (p.suffix in (".tar", ".parquet") or p.name.endswith(".stats.json")))
+
+
+@pytest.mark.parametrize("status", ["401", "403", "404"])
+def test_rejected_endpoint_stops_with_exit_2_and_commits_nothing(manifest, tmp_path, ray_local, status):
+    run = tmp_path / "run"
+    with StubOpenAI(pairs_responder) as stub:
+        cfg = config(manifest, stub)
+        stub.mode = status
+        assert build_cli(cfg, run, tmp_path) == 2
+        assert committed_files(run) == []  # no shard, index, failure file or stats marker
+        assert json.loads((run / "manifest.json").read_text())["status"] != "finished"
+        log = (run / "logs" / "hicom.log").read_text()
+        assert f"HTTP {status}" in log and stub.base_url in log and "nothing of this batch" in log.lower()
+        assert stub.total <= 2  # max_concurrency 2: the first answers stop the client
+        if status == "401":  # the right key: a rerun does the work, nothing was skipped
+            stub.mode = "ok"
+            assert build_cli(cfg, run, tmp_path) == 0
+            assert len(all_pairs(run)) > len(CAPTIONS) * 2
+            assert "llm instruct:" in (run / "logs" / "hicom.log").read_text()  # the usage summary
+
+
+@pytest.mark.timeout(400)
+def test_default_captioning_actors_run_on_two_cpus(manifest, tmp_path, ray_local):
+    """`caption.mode: vlm` with no `actors:` section on a 2-CPU Ray: the actor pools leave a CPU for the
+    video stages, so the build finishes (it used to wait forever)."""
+    assert ray_local.cluster_resources()["CPU"] == 2
+    run = tmp_path / "run"
+    with StubOpenAI(pairs_responder) as stub:
+        cfg = config(manifest, stub)
+        del cfg["captioning"]["actors"]
+        cfg["captioning"]["caption"] = {"mode": "vlm", "num_frames": 2, "endpoint": {
+            "base_url": stub.base_url, "model": "stub-vlm", "timeout_s": 5, "max_retries": 2}}
+        report = build(RunConfig.model_validate(cfg), run, progress=False)
+        assert stub.statuses[200] > 0
+    assert not report.deferred and report.counts["clips"] > 0
+    pairs = all_pairs(run)
+    assert any("a man in a red jacket" in answer.lower() for _, _, answer in pairs)  # from the VLM captions

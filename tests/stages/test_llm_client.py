@@ -1,5 +1,6 @@
-"""The LLM client against a stub server on 127.0.0.1: retries, Retry-After, timeouts, cache, concurrency,
-accounting, and the API key staying out of everything it writes."""
+"""The LLM client against a stub server on 127.0.0.1: retries, Retry-After per request, timeouts, rejected
+endpoints, validation before caching, cache, concurrency, accounting, and the API key staying out of
+everything it writes."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,8 @@ import time
 import pytest
 
 from schemas.caption import EndpointConfig
-from stages.llm_client import LLMClient, LLMError, ResponseCache, SyncRunner, Usage, parse_retry_after, read_usage, \
-    write_usage
+from stages.llm import EndpointRejected, LLMClient, LLMError, ResponseCache, Usage, parse_retry_after, read_usage, \
+    summary_line, write_usage
 from tests.stub_openai import StubOpenAI
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -74,6 +75,31 @@ def test_retry_after_is_honoured(stub):
     assert client.usage.errors["rate_limited"] == 1
 
 
+def test_retry_after_pauses_that_request_only(stub):
+    """One 429 with Retry-After: 2 holds its own request; the client's other requests go on."""
+    stub.retry_after, stub.latency_s = 2.0, 0.05
+    client = LLMClient(endpoint(stub, backoff_base_s=0.0, max_concurrency=4))
+    done: dict[int, float] = {}
+
+    async def one(i: int, started: float):
+        text = f"hello {i} [[stub:429:1]]" if i == 0 else f"hello {i}"
+        await client.chat([{"role": "user", "content": text}], prompt_version="v1")
+        done[i] = time.monotonic() - started
+
+    async def many():
+        started = time.monotonic()
+        try:
+            # the 429 arrives first; the other requests are sent while it waits
+            await asyncio.gather(one(0, started), *(one(i, started + 0) for i in range(1, 9)))
+        finally:
+            await client.aclose()
+
+    run(many())
+    assert done[0] >= 2.0  # the rate-limited request waited its Retry-After
+    assert max(done[i] for i in range(1, 9)) < 1.0  # the others did not
+    assert client.usage.errors == {"rate_limited": 1} and stub.total == 10
+
+
 def test_retry_after_header_forms():
     assert parse_retry_after({"retry-after": "3"}) == 3.0
     assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
@@ -109,6 +135,49 @@ def test_client_errors_are_not_retried(stub):
     with pytest.raises(LLMError) as info:
         run(chat(client))
     assert info.value.kind == "client_error" and stub.total == 1
+
+
+@pytest.mark.parametrize("status", ["401", "403", "404"])
+def test_rejected_endpoint_raises_and_sends_no_more(stub, status):
+    stub.mode = status
+    client = LLMClient(endpoint(stub, max_retries=5))
+
+    async def twice():
+        try:
+            for i in range(2):
+                with pytest.raises(EndpointRejected) as info:
+                    await client.chat(msg(i), prompt_version="v1")
+            return info.value
+        finally:
+            await client.aclose()
+
+    exc = run(twice())
+    assert stub.total == 1 and exc.status == int(status) and exc.base_url == stub.base_url
+    assert f"HTTP {status}" in str(exc) and client.usage.errors == {f"http_{status}": 1}
+    assert f"http_{status} 1" in summary_line("instruct", client.usage.to_dict())
+
+
+def test_invalid_replies_are_retried_and_never_cached(stub, tmp_path):
+    def validate(reply):
+        if "echo" not in json.loads(reply.text) or stub.total < 3:
+            raise ValueError("not yet")
+
+    client = LLMClient(endpoint(stub), ResponseCache(tmp_path))
+    result = run(chat(client, validate=validate))
+    assert stub.total == 3 and client.usage.errors == {"invalid_reply": 2} and client.usage.succeeded == 1
+    assert len(ResponseCache(tmp_path)) == 1 and not result.cached
+
+    stub.mode = "malformed"
+    bad = LLMClient(endpoint(stub, max_retries=1), ResponseCache(tmp_path))
+    with pytest.raises(LLMError) as info:
+        run(chat(bad, msg(1), validate=lambda r: json.loads(r.text)))
+    assert info.value.kind == "bad_response" and info.value.reply.text.startswith("Sure!")
+    assert len(ResponseCache(tmp_path)) == 1  # the malformed reply was not cached
+    stub.mode = "ok"
+    again = LLMClient(endpoint(stub), ResponseCache(tmp_path))
+    run(chat(again, msg(1), validate=lambda r: json.loads(r.text)))
+    assert again.usage.requests == 1 and again.usage.cache_hits == 0  # asked again, then cached
+    assert len(ResponseCache(tmp_path)) == 2
 
 
 def test_cache_makes_reruns_free(stub, tmp_path):
@@ -213,18 +282,6 @@ def test_cache_is_safe_with_several_processes(tmp_path):
     assert all(cache.get(f"{i:064x}")["text"] == f"answer {i}" for i in range(50))
 
 
-def test_sync_runner_reuses_one_loop(stub, tmp_path):
-    runner = SyncRunner()
-    client = LLMClient(endpoint(stub), ResponseCache(tmp_path))
-    try:
-        for i in range(3):
-            runner.run(client.chat(msg(i), prompt_version="v1"))
-        runner.run(client.aclose())
-    finally:
-        runner.close()
-    assert stub.total == 3
-
-
 def test_usage_totals(tmp_path):
     a, b = Usage(requests=2, prompt_tokens=10, cost=0.5), Usage(requests=3, completion_tokens=4)
     a.errors["timeout"] += 1
@@ -233,3 +290,4 @@ def test_usage_totals(tmp_path):
     totals = read_usage(tmp_path)
     assert totals["instruct"]["requests"] == 5 and totals["instruct"]["cost"] == 0.5
     assert totals["instruct"]["errors"] == {"timeout": 1} and totals["caption"]["requests"] == 3
+    assert summary_line("instruct", totals["instruct"]).startswith("llm instruct: 5 requests")
