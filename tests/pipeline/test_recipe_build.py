@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, make_scene_video
 from pipeline.cli import main
 from pipeline.stats import connect
-from tests.stub_openai import StubOpenAI, last_user_text
+from tests.stub_openai import StubOpenAI, image_count, last_user_text, requested_schema
 
 CAPTION = ("A man in a red jacket walks a brown dog past a white car on a city street, while a woman in a "
            "green coat waits at a bus stop.")
@@ -19,15 +19,19 @@ SUBJECTS = {"man": "The man wears a red jacket and walks a brown dog along the c
             "woman": "The woman wears a green coat and waits at the bus stop on the city street."}
 
 
+INSTRUCT_IMAGES: list[int] = []  # images per instruct request: step 2 must see the frames too
+
+
 def vlm(body: dict) -> str:
-    """Captions for caption requests; distinct grounded descriptions for instruct requests."""
+    """Captions for caption requests; for the chain-of-thought instruct requests (frames + caption), N distinct
+    grounded descriptions of the kind the request's JSON schema allows."""
     text = last_user_text(body)
-    kinds = re.search(r"Kinds: ([a-z_, ]+)\s*$", text.strip())
-    if not kinds:
-        return CAPTION
-    wanted = [k.strip() for k in kinds.group(1).split(",")]
-    pairs = [{"kind": kind, "instruction": f"Describe the {subject} in the video in detail.", "answer": answer}
-             for kind, (subject, answer) in zip(wanted, SUBJECTS.items())]
+    asked = re.search(r"Write (\d+) instruction-answer pairs", text)
+    if not asked:  # step 1: the detailed caption, in the form the request's schema asks for
+        return json.dumps({"caption": CAPTION}) if "caption" in str(requested_schema(body)) else CAPTION
+    INSTRUCT_IMAGES.append(image_count(body))
+    pairs = [{"kind": "instruction_followed_description", "instruction": f"Describe the {subject} in the video in "
+              "detail.", "answer": answer} for subject, answer in list(SUBJECTS.items())[:int(asked.group(1))]]
     return json.dumps({"pairs": pairs})
 
 
@@ -65,13 +69,12 @@ def test_recipe_build_keeps_5_to_120_s_clips_with_keyframe_and_category_columns(
                        ).fetchone()[0] == 0
     ok = con.execute("SELECT category, category_score, keyframe_times_s FROM videos WHERE status = 'ok'").fetchall()
     assert ok and all(c and s is not None and k for c, s, k in ok)
-    kinds = con.execute("SELECT DISTINCT kind FROM pairs WHERE source = 'llm'").fetchall()
-    assert kinds == [("focused_description",)]
-    # 3 generated pairs + the VLM caption's pair per clip: each is kept or a filter failure row
-    clips = len(lengths)
-    kept = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
-    dropped = con.execute("SELECT count(*) FROM failures WHERE stage = 'filter'").fetchone()[0]
-    assert kept >= 2 * clips and kept + dropped == 4 * clips
+    kinds = con.execute("SELECT DISTINCT kind FROM pairs").fetchall()
+    assert kinds == [("instruction_followed_description",)]  # HICom-248K's one data type, no caption pair
+    per_clip = con.execute("SELECT c.clip_id, count(p.clip_id) FROM clips c LEFT JOIN pairs p USING (clip_id) "
+                           "GROUP BY 1").fetchall()
+    assert per_clip and all(n == 3 for _, n in per_clip), per_clip  # the paper's 3 pairs per clip
+    assert INSTRUCT_IMAGES and all(n == 8 for n in INSTRUCT_IMAGES)  # step 2 saw 8 frames with the caption
 
 
 @pytest.mark.slow
