@@ -9,6 +9,8 @@ UNREADABLE = "unreadable_file"
 BAD_ANNOTATION = "bad_annotation"
 BAD_NAME = "undecodable_file_name"
 UNSUPPORTED_URL = "unsupported_url"
+MALFORMED_ROW = "malformed_manifest_row"  # wrong column count, a line that is not JSON, an unreadable file
+DUPLICATE_SPAN = "duplicate_span"  # a manifest row repeating a span (or a whole video) already listed
 # probe
 EMPTY_FILE = "empty_file"
 FILE_TOO_LARGE = "file_too_large"

@@ -52,6 +52,7 @@ class Span(_Record):
     end_s: float | None = None  # None: to the end of the video
     caption: str | None = None
     samples: list[AnnotationSample] = Field(default_factory=list)
+    row: int | None = None  # the manifest/annotation row it came from (1-based line), None for directories
 
 
 class ProbeInfo(_Record):

@@ -105,7 +105,7 @@ def test_llava_annotations_group_by_video_and_record_bad_entries(tmp_path):
     assert failures["s5"] == reasons.ABSOLUTE_PATH
     assert failures["s6"] == reasons.BAD_ANNOTATION
     assert failures["s7"] == reasons.BAD_ANNOTATION
-    assert failures["qa.json:7"] == reasons.BAD_ANNOTATION
+    assert failures["qa.json:8"] == reasons.BAD_ANNOTATION
 
 
 def test_llava_file_that_is_not_json_is_one_failure(tmp_path):
