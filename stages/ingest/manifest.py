@@ -60,8 +60,8 @@ def _csv_rows(f: BinaryIO) -> Iterator[RawRow]:
 
 
 def _jsonl_rows(f: BinaryIO) -> Iterator[RawRow]:
-    for line_no, raw in enumerate(f, start=1):
-        text = raw.decode("utf-8", "surrogateescape").strip()
+    for line_no, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape"), start=1):
+        text = raw.strip()
         if not text:
             continue
         try:

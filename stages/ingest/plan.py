@@ -2,6 +2,7 @@
 shared by the in-process and the Ray readers (raw row -> entries -> located entries)."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import posixpath
@@ -45,9 +46,9 @@ class InputPlan:
 
 def _first_line(storage: Storage, name: str) -> str:
     with storage.open_read(name) as f:
-        for raw in f:
-            if raw.strip():
-                return raw.decode("utf-8", "replace")
+        for line in io.TextIOWrapper(f, encoding="utf-8", errors="replace"):
+            if line.strip():
+                return line
     return "{}"
 
 
