@@ -93,8 +93,10 @@ def ray_local():
 
 def shard_contents(run_dir) -> dict[str, str]:
     """clip id -> hash of every member of its sample (json, frames, mp4)."""
+    from pipeline.resume import committed_tars
+
     out = {}
-    tars = sorted(str(p) for p in (run_dir / "shards").glob("shard-*.tar"))
+    tars = committed_tars(run_dir)
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
         key = sample["__key__"]
         assert key not in out, f"duplicate clip {key}"
