@@ -190,7 +190,12 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
             report.llm_usage = captioning.usage()
         display.close()
     if cfg.shard.compact:  # also compacts parts a killed run committed
-        compact(storage, cfg.shard, lambda st, groups: compact_on_ray(cfg, st, groups))
+        try:
+            compact(storage, cfg.shard, lambda st, groups: compact_on_ray(cfg, st, groups))
+        except Exception as exc:  # a task's OSError arrives wrapped in Ray's task error
+            if isinstance(exc, OSError) or isinstance(getattr(exc, "cause", None), OSError):
+                raise _storage_error(storage.uri(), str(getattr(exc, "cause", exc))) from exc
+            raise
     report.counts = total_counts(storage)
     run.finish(report.counts, status="incomplete" if report.deferred else "finished", deferred=report.deferred)
     report.seconds = time.time() - started

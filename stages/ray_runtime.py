@@ -50,12 +50,18 @@ def quiet_ray_data() -> None:
         ctx.enable_operator_progress_bars = False
 
 
+def _has_auth_token() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: str | Path | None = None,
              video_worker: bool = True) -> None:
     """Join the cluster at `address` ("auto", "ray://host:10001", "10.0.0.1:6379"), or start a private local
     Ray (`num_cpus`, default all) whose every process listens and talks on 127.0.0.1 only. A local node
     offers the `video_worker` resource (one per CPU) so the video stages place as on a cluster."""
     import ray
+    import ray.data  # noqa: F401  (configures its loggers on import: route them after)
 
     route_ray_logs(log_file)
     if ray.is_initialized():

@@ -86,8 +86,9 @@ def ray_local():
     """One local Ray for the in-process pipeline tests."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from stages.ray_runtime import init_ray
+
+    init_ray(num_cpus=2)  # the project's local Ray: 127.0.0.1 only, with the `video_worker` resource
     yield ray
 
 
