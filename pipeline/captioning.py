@@ -24,6 +24,7 @@ from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
 from schemas.records import VideoResult
 from stages import caption, dedup, filter as pair_filter, instruct
+from stages.dedup_ray import dedup_stages
 from stages.llm_client import LLMClient, ResponseCache, SyncRunner, read_usage, write_usage
 from stages.ray_adapter import from_row, to_row
 
@@ -182,8 +183,8 @@ class CaptioningSession:
 
 
 @contextlib.contextmanager
-def captioning_session(cfg: RunConfig, run_dir: str | Path,
-                       committed_video_ids: set[str] = frozenset()) -> Iterator[CaptioningSession]:
+def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_video_ids: set[str] = frozenset(),
+                       committed_parts: list[str] = ()) -> Iterator[CaptioningSession]:
     """Start the embedded server if configured (stopped on exit, whatever happens) and yield the session.
     A run without an enabled `captioning` section yields an empty session (no stages, finish = identity)."""
     cap = getattr(cfg, "captioning", None)
@@ -192,11 +193,11 @@ def captioning_session(cfg: RunConfig, run_dir: str | Path,
         return
     run_dir = Path(run_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # Dataset-wide dedup on partitioned Ray actors: clips before any LLM call, instructions after the filter.
+    before, after = dedup_stages(cap.filter, str(run_dir), list(committed_parts))
     with maybe_server(cap, run_dir) as base_url:
-        yield CaptioningSession(
-            stages=caption_stages(cfg, run_dir, base_url, stamp),
-            dedup=dataset_dedup(cap, run_dir / "cache" / "dedup.jsonl", set(committed_video_ids)),
-            usage_dir=run_dir / USAGE_DIR / stamp)
+        yield CaptioningSession(stages=before + caption_stages(cfg, run_dir, base_url, stamp) + after,
+                                usage_dir=run_dir / USAGE_DIR / stamp)
 
 
 @contextlib.contextmanager

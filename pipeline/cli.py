@@ -103,6 +103,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from pipeline.compact import compact
+    from schemas.config import ShardConfig
+
+    done = compact(args.run_dir, ShardConfig(max_samples=args.max_samples))
+    print(json.dumps({"shards": [m.shard for m in done], "parts_replaced": sum(len(m.replaces) for m in done)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hicom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -145,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-root", help="where clip mp4s go (default: <out_json stem>_clips/ beside it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compact", help="merge a run's small committed parts into full-size shards")
+    p.add_argument("run_dir")
+    p.add_argument("--max-samples", type=int, default=1000, help="clips per shard")
+    p.set_defaults(func=cmd_compact)
 
     from pipeline.caption_command import add_caption_cli
     from pipeline.train_cli import add_train_cli

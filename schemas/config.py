@@ -77,8 +77,11 @@ class ClipConfig(_Config):
 class ShardConfig(_Config):
     """WebDataset shard limits. A video's clips always land in one shard."""
 
-    max_samples: int = 1000
+    max_samples: int = 1000  # per compacted shard
     max_bytes: int = 1024**3
+    # Videos a worker commits together as one small part: a kill loses at most the parts in flight.
+    videos_per_part: int = Field(4, ge=1)
+    compact: bool = True  # merge the parts into full-size shards when the build ends (else `hicom compact`)
 
 
 class RayConfig(_Config):
