@@ -104,10 +104,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from pipeline.compact import compact
-    from schemas.config import ShardConfig
+    from pipeline.compact import compact, run_shard_config
 
-    done = compact(args.run_dir, ShardConfig(max_samples=args.max_samples))
+    cfg = run_shard_config(args.run_dir)
+    done = compact(args.run_dir, cfg.model_copy(update={"max_samples": args.max_samples or cfg.max_samples}))
     print(json.dumps({"shards": [m.shard for m in done], "parts_replaced": sum(len(m.replaces) for m in done)}))
     return 0
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compact", help="merge a run's small committed parts into full-size shards")
     p.add_argument("run_dir")
-    p.add_argument("--max-samples", type=int, default=1000, help="clips per shard")
+    p.add_argument("--max-samples", type=int, help="clips per shard (default: the run's shard.max_samples)")
     p.set_defaults(func=cmd_compact)
 
     from pipeline.caption_command import add_caption_cli

@@ -31,6 +31,16 @@ from stages.storage import Storage
 log = logging.getLogger(__name__)
 
 
+def run_shard_config(run: str | Path | Storage) -> ShardConfig:
+    """The shard limits the run was built with (its saved config), or the defaults."""
+    import yaml
+
+    storage = as_storage(run)
+    if not storage.exists("config.yaml"):
+        return ShardConfig()
+    return ShardConfig.model_validate((yaml.safe_load(storage.read_text("config.yaml")) or {}).get("shard", {}))
+
+
 def plan(markers: list[PartMarker], cfg: ShardConfig) -> list[list[PartMarker]]:
     """Groups of workers' parts (not yet compacted), each under the shard limits; a part is never split."""
     groups: list[list[PartMarker]] = []
@@ -59,8 +69,10 @@ def _copy_members(storage: Storage, parts: list[PartMarker], out) -> None:
 
 
 def _merged_rows(storage: Storage, rels: list[str], schema: pa.Schema, name: str) -> list[dict]:
-    tables = [pq.read_table(storage.open_read(rel)) for rel in rels]
-    rows = [row for t in tables for row in t.to_pylist()]
+    rows = []
+    for rel in rels:
+        with storage.open_read(rel) as f:
+            rows += pq.read_table(f).to_pylist()
     for row in rows:
         row["shard"] = name
     return [{k: row.get(k) for k in schema.names} for row in rows]

@@ -27,6 +27,10 @@ import webdataset as wds
 
 from schemas.index import (CLIP_SCHEMA, FAILURE_SCHEMA, PAIR_SCHEMA, VIDEO_SCHEMA, PartMarker, clip_row,
                            failure_row, pair_rows, video_row)
+
+# Re-exported for readers that still import them from here; `schemas.index` is their home.
+__all__ = ["CLIP_SCHEMA", "FAILURE_SCHEMA", "PAIR_SCHEMA", "VIDEO_SCHEMA", "failure_row", "pair_rows",
+           "PartWriter", "part_name_for", "shard_name", "part_files", "to_wds", "frame_member"]
 from schemas.records import Failure, ShardSample, VideoResult
 from stages.storage import Storage
 
