@@ -24,7 +24,7 @@ from schemas.index import PartMarker, PartReceipt
 from schemas.records import VideoRecord, VideoResult
 from stages import clip_decode, pairs, probe, split
 from stages.ffmpeg_tools import check_binaries
-from stages.ingest import ingest
+from stages.ingest import ingest, remote_input, run_local
 from stages.ray_adapter import RECEIPT_COLUMN, RayStage, commit_batch, to_row
 from stages.ray_runtime import VIDEO_WORKER, init_ray, video_task_resources
 from stages.shard import PartWriter, part_name_for
@@ -65,13 +65,20 @@ def _storage_error(run: str, detail: str) -> RunStorageError:
 def stage_pipeline(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
     """The stages in order, each with the Ray resources it declares; FFmpeg stages ask for `video_worker`."""
     video = video_task_resources()
+    probe_stage = RayStage(probe.STAGE, probe.apply, cfg.probe)
+    split_stage = RayStage(split.STAGE, split.apply, cfg.split)
+    clip_stage = RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip)
+    pairs_stage = (RayStage(pairs.STAGE, pairs.apply, cfg.input), {})
+    if remote_input(cfg.input):  # one local copy per video (fetched, hashed, deleted) serves every FFmpeg step
+        fetch = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes,
+                         [probe_stage.run, split_stage.run, clip_stage.run])
+        return [(fetch, {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}), pairs_stage]
+    probe_and_hash = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes, [probe_stage.run])
     return [
-        (RayStage(probe.STAGE, probe.apply, cfg.probe),
-         {**probe.RESOURCES, **video, "concurrency": cfg.ray.probe_concurrency}),
-        (RayStage(split.STAGE, split.apply, cfg.split), {**split.RESOURCES, **video}),
-        (RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip),
-         {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}),
-        (RayStage(pairs.STAGE, pairs.apply, cfg.input), {}),
+        (probe_and_hash, {**probe.RESOURCES, **video, "concurrency": cfg.ray.probe_concurrency}),  # sha256 here
+        (split_stage, {**split.RESOURCES, **video}),
+        (clip_stage, {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}),
+        pairs_stage,
     ]
 
 
@@ -147,7 +154,7 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     check_binaries()
     storage = Storage.from_uri(run_dir)
     report = BuildReport(run_dir=Path(run_dir) if storage.is_local else storage.uri())
-    ingested = ingest(cfg.input)
+    ingested = ingest(cfg.input.model_copy(update={"hash_files": False}))  # workers hash (run_local)
     report.inputs_videos = len(ingested.videos)
     report.inputs_failed_at_ingest = len(ingested.failures)
     if dry_run:

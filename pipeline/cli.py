@@ -44,7 +44,7 @@ def _print_build(report, dry_run: bool) -> None:
     print(f"built {report.run_dir}: {report.processed_videos} videos processed ({report.skipped_committed} "
           f"already committed) in {report.seconds:.1f}s; run totals: {c['clips']} clips, {c['pairs']} pairs, "
           f"{c['failures']} failures in {c['shards']} shards")
-    print(f"shards: {report.run_dir / 'shards'}")
+    print(f"shards: {report.run_dir}/shards")
     for stage, usage in sorted(report.llm_usage.items()):
         print(f"llm {stage}: {usage}")
 
@@ -58,8 +58,10 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     if args.address:
         overrides["ray.address"] = args.address
     cfg = load_run_config(args.config, overrides)
-    run_dir = Path(out or Path("runs") / cfg.name)
-    _setup_logging(None if args.dry_run else run_dir, args.verbose)
+    from stages.storage import Storage
+
+    run_dir = out or str(Path("runs") / cfg.name)  # a path or an object-store URI: never through Path()
+    _setup_logging(None if args.dry_run else Storage.from_uri(run_dir).local_path(), args.verbose)
     report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     _print_build(report, args.dry_run)
     if report.deferred:

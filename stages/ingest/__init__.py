@@ -12,9 +12,9 @@ from __future__ import annotations
 from stages.ingest.dataset import input_dataset
 from stages.ingest.local import IngestResult, ingest, ingest_directory, ingest_llava, ingest_manifest, read_all
 from stages.ingest.paths import PathResolver, printable, video_id_for
-from stages.ingest.plan import detect_kind
+from stages.ingest.plan import detect_kind, remote_input
 from stages.ingest.source import local_source, run_local, sha256_file
 
 __all__ = ["IngestResult", "PathResolver", "detect_kind", "ingest", "ingest_directory", "ingest_llava",
-           "ingest_manifest", "input_dataset", "local_source", "printable", "read_all", "run_local",
+           "ingest_manifest", "input_dataset", "local_source", "printable", "read_all", "remote_input", "run_local",
            "sha256_file", "video_id_for"]

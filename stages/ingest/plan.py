@@ -17,7 +17,7 @@ from schemas.records import Failure
 from stages.ingest import llava, manifest
 from stages.ingest.entries import Entry, failure, locate
 from stages.ingest.paths import Located, ObjectResolver, PathResolver, resolver_for
-from stages.storage import Storage, redact
+from stages.storage import Storage, is_uri, redact
 
 log = logging.getLogger(__name__)
 ANNOTATION_SUFFIXES = (".json", ".jsonl", ".ndjson")
@@ -42,6 +42,11 @@ class InputPlan:
 
     def read(self, f, file_name: str) -> Iterator[manifest.RawRow]:
         return llava.read_samples(f, file_name) if self.kind == "llava" else manifest.read_rows(f, file_name)
+
+
+def remote_input(cfg: InputConfig) -> bool:
+    """Whether the input or its data root is on an object store (sources must be fetched before FFmpeg)."""
+    return any(is_uri(p) and not p.startswith("file://") for p in (cfg.path or "", cfg.data_root or ""))
 
 
 def _first_line(storage: Storage, name: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from schemas import reasons
-from schemas.config import InputConfig, ProbeConfig
+from schemas.config import InputConfig
 from schemas.records import VideoRecord, VideoResult
 from stages.ingest.entries import STAGE
 from stages.storage import Storage, is_uri, redact
@@ -78,24 +78,14 @@ def local_source(video: VideoRecord, cfg: InputConfig, max_file_bytes: int) -> I
         yield video.model_copy(update={"source": str(local), "sha256": digest if cfg.hash_files else None})
 
 
-def hash_step(result: VideoResult, cfg: InputConfig, probe_cfg: ProbeConfig) -> VideoResult:
-    """Record-level step (after probe, which has already failed what it rejects): sha256 of a local source.
-
-    For pipelines that run probe and decode on local files as separate stages; object-store sources are
-    hashed by `local_source` while they download.
-    """
-    if result.video is None or not cfg.hash_files or is_remote(result.video):
-        return result
-    with local_source(result.video, cfg, probe_cfg.max_file_bytes) as local:
-        result.video = result.video.model_copy(update={"sha256": local.sha256})
-    return result
-
-
 def run_local(result: VideoResult, cfg: InputConfig, max_file_bytes: int,
               steps: Sequence[Callable[[VideoResult], VideoResult]]) -> VideoResult:
-    """Run record-level `steps` (probe, split, clip+decode, ...) on a local copy of the result's source,
-    hashed on the way; the record keeps its original `source` afterwards and the copy is gone. A source
-    that cannot be fetched fails the video (`unreadable_file`), not the run."""
+    """Run record-level `steps` (probe, split, clip+decode, ...) on a local copy of the result's source.
+
+    The source is hashed first (a local file is read once for it; an object is hashed as it downloads).
+    Afterwards the record has its original `source` again and any downloaded copy is gone. A source that
+    cannot be read or fetched fails the video (`unreadable_file`), not the run.
+    """
     if result.failed or result.video is None:
         return result
     original = result.video.source
@@ -105,9 +95,7 @@ def run_local(result: VideoResult, cfg: InputConfig, max_file_bytes: int,
             for step in steps:
                 result = step(result)
     except OSError as exc:
-        if result.video is not None:
-            result.video = result.video.model_copy(update={"source": original})
-        return result.fail_video(STAGE, reasons.UNREADABLE, f"cannot fetch the source: {redact(str(exc))}")
+        result.fail_video(STAGE, reasons.UNREADABLE, f"cannot read the source: {redact(str(exc))}")
     if result.video is not None:
         result.video = result.video.model_copy(update={"source": original})
     return result
