@@ -284,3 +284,13 @@ def test_run_local_restores_the_source_and_fails_an_unfetchable_video(s3_bucket)
     gone = video.model_copy(update={"source": f"s3://{s3_bucket}/v/gone.mp4"})
     failed = run_local(VideoResult(video_id="a", video=gone), InputConfig(), 100, [step])
     assert failed.failed and failed.failures[0].reason == reasons.UNREADABLE and len(seen) == 1
+
+
+def test_credentials_in_an_input_uri_are_refused_without_being_echoed():
+    from pydantic import ValidationError
+
+    for path in ("s3://AKIAX:very-secret@bucket/videos/", "s3://bucket/videos/?secret_key=very-secret"):
+        with pytest.raises(ValidationError) as error:
+            InputConfig(path=path)
+        assert "AWS_ACCESS_KEY_ID" in str(error.value) and "very-secret" not in str(error.value)
+    assert InputConfig(path="s3://bucket/videos/", data_root="s3://bucket/videos").path == "s3://bucket/videos/"
