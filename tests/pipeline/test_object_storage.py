@@ -47,6 +47,8 @@ def test_build_stats_and_export_on_object_storage(s3_bucket, moto_endpoint, tmp_
     first = hicom(env, work, *args)
     again = hicom(env, work, *args)  # a rerun skips every committed video: no duplicates
 
+    assert "3 videos processed (0 already committed)" in first.stdout, first.stdout
+    assert "0 videos processed (3 already committed)" in again.stdout, again.stdout
     run = Storage.from_uri(run_uri)
     stats = hicom(env, work, "stats", run_uri, "--sql", "SELECT (SELECT count(*) FROM clips) AS clips, "
                   "(SELECT count(DISTINCT clip_id) FROM clips) AS distinct_clips, "
