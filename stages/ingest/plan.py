@@ -99,7 +99,10 @@ def plan(cfg: InputConfig) -> InputPlan:
 
 
 def _split(path: str) -> tuple[str, str]:
-    """(folder, name) of a file path or URI, keeping the scheme and any query on the folder part."""
+    """(folder, name) of a file path or URI; a URI keeps its query (pyarrow options) on the folder part."""
+    if not is_uri(path):
+        folder, name = posixpath.split(path.rstrip("/"))
+        return folder or ".", name
     base, sep, query = path.partition("?")
     folder, name = posixpath.split(base.rstrip("/"))
     return folder + (sep + query if sep else ""), name
