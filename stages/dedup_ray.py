@@ -68,7 +68,7 @@ class DedupPartition:
                 key = instruction_key(row["instruction"])
                 if row["source"] in sources and partition_of(key, self.partitions) == self.index:
                     self.counts[key] = self.counts.get(key, 0) + 1
-        return len(self.signatures.signatures)
+        return len(self.signatures.entries)
 
     def query_insert(self, items: list[tuple[str, list[int], list[int]]]) -> list[tuple[str, float] | None]:
         """For each (clip_id, signature, keys of this partition): the closest committed clip, or in-flight
