@@ -89,6 +89,7 @@ def floor_seconds(commands: list[list[str]], workers: int, scratch: Path) -> flo
             fresh = scratch / f"c{i}"
             line = f"mkdir -p {shlex.quote(str(fresh))} && " + line.replace(match.group(1), str(fresh))
         lines.append(line + " >/dev/null 2>&1")
+    scratch.mkdir(parents=True, exist_ok=True)
     script = scratch / "commands.txt"
     script.write_text("\n".join(lines) + "\n")
     start = time.perf_counter()
