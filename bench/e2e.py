@@ -3,8 +3,8 @@
     .venv/bin/python bench/e2e.py [--videos 12] [--seconds 20] [--workers 2] [--clip-s 2]
 
 1. Makes real H.264 videos with FFmpeg (lavfi test sources, 1280x720, hard scene cuts).
-2. Recording pass (untimed): runs probe -> split -> clip+decode in this process once, recording every
-   FFmpeg/ffprobe command line the stages execute.
+2. Recording pass (untimed): probe -> split -> clip+decode in this process, recording every FFmpeg/ffprobe
+   command line the stages execute (clip+decode's are recorded, not run).
 3. Floor: the recorded commands, each in a fresh scratch folder, under `xargs -P WORKERS` (no Python, no Ray).
 4. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
 Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, and the driver's CPU seconds
@@ -30,6 +30,7 @@ from pipeline.build import build  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
 from schemas.records import VideoResult  # noqa: E402
 from stages import clip_decode, probe, split  # noqa: E402
+from stages.ffmpeg_tools import Completed  # noqa: E402
 from stages.ingest import ingest  # noqa: E402
 from stages.ray_runtime import init_ray  # noqa: E402
 
@@ -52,16 +53,21 @@ def make_videos(folder: Path, count: int, seconds: float) -> None:
 
 
 def record_commands(cfg: RunConfig) -> list[list[str]]:
-    """Run the video stages once in-process and return every FFmpeg-family command they executed."""
+    """Every FFmpeg-family command the video stages execute for this input: probe and split run for real
+    (clip planning needs their output); clip+decode's commands are recorded without being run."""
     commands: list[list[str]] = []
     real = clip_decode.run_tool
 
-    def recorder(args, timeout_s, *rest, **kw):
+    def run_and_record(args, timeout_s, *rest, **kw):
         commands.append(list(args))
         return real(args, timeout_s, *rest, **kw)
 
-    for module in (probe, split, clip_decode):
-        module.run_tool = recorder
+    def record_only(args, timeout_s, *rest, **kw):
+        commands.append(list(args))
+        return Completed(stdout=b"", stderr="")
+
+    probe.run_tool = split.run_tool = run_and_record
+    clip_decode.run_tool = record_only
     try:
         for video in ingest(cfg.input).videos:
             result = VideoResult(video_id=video.id, source=video.relpath, video=video)
@@ -69,8 +75,7 @@ def record_commands(cfg: RunConfig) -> list[list[str]]:
                 if not result.failed:
                     result = step(result, step_cfg)
     finally:
-        for module in (probe, split, clip_decode):
-            module.run_tool = real
+        probe.run_tool = split.run_tool = clip_decode.run_tool = real
     return commands
 
 
@@ -84,6 +89,7 @@ def floor_seconds(commands: list[list[str]], workers: int, scratch: Path) -> flo
             fresh = scratch / f"c{i}"
             line = f"mkdir -p {shlex.quote(str(fresh))} && " + line.replace(match.group(1), str(fresh))
         lines.append(line + " >/dev/null 2>&1")
+    scratch.mkdir(parents=True, exist_ok=True)
     script = scratch / "commands.txt"
     script.write_text("\n".join(lines) + "\n")
     start = time.perf_counter()

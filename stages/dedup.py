@@ -96,24 +96,25 @@ class SignatureIndex:
 
     def __init__(self, max_distance: float):
         self.max_distance = max_distance
-        self.bands: dict[int, list[str]] = {}
-        self.signatures: dict[str, list[int]] = {}
+        self.bands: dict[int, list[int]] = {}
+        self.entries: list[tuple[str, list[int]]] = []  # (clip id, signature); bands hold positions here
 
     def add(self, clip_id: str, sig: list[int], keys: list[int] | None = None) -> None:
         if not sig:
             return
-        self.signatures[clip_id] = sig
+        self.entries.append((clip_id, sig))
         for key in band_keys(sig, self.max_distance) if keys is None else keys:
-            self.bands.setdefault(key, []).append(clip_id)
+            self.bands.setdefault(key, []).append(len(self.entries) - 1)
 
     def candidates(self, sig: list[int], keys: list[int] | None = None) -> list[tuple[str, float]]:
         """Indexed clips within the threshold, closest first."""
-        seen: dict[str, float] = {}
+        seen: dict[int, float] = {}
         for key in band_keys(sig, self.max_distance) if keys is None else keys:
-            for clip_id in self.bands.get(key, []):
-                if clip_id not in seen:
-                    seen[clip_id] = signature_distance(sig, self.signatures[clip_id])
-        return sorted(((c, d) for c, d in seen.items() if d <= self.max_distance), key=lambda x: (x[1], x[0]))
+            for pos in self.bands.get(key, []):
+                if pos not in seen:
+                    seen[pos] = signature_distance(sig, self.entries[pos][1])
+        found = [(self.entries[pos][0], d) for pos, d in seen.items() if d <= self.max_distance]
+        return sorted(found, key=lambda x: (x[1], x[0]))
 
     def match(self, sig: list[int]) -> tuple[str, float] | None:
         found = self.candidates(sig) if sig else []

@@ -68,16 +68,17 @@ class DedupPartition:
                 key = instruction_key(row["instruction"])
                 if row["source"] in sources and partition_of(key, self.partitions) == self.index:
                     self.counts[key] = self.counts.get(key, 0) + 1
-        return len(self.signatures.signatures)
+        return len(self.signatures.entries)
 
     def query_insert(self, items: list[tuple[str, list[int], list[int]]]) -> list[tuple[str, float] | None]:
         """For each (clip_id, signature, keys of this partition): the closest committed clip, or in-flight
         clip with a smaller id, within the threshold; then the clip is indexed. Atomic per call."""
-        out = []
-        for clip_id, sig, keys in items:
+        out: list[tuple[str, float] | None] = [None] * len(items)
+        for i in sorted(range(len(items)), key=lambda i: items[i][0]):  # smaller ids first: they win
+            clip_id, sig, keys = items[i]
             found = [(c, d) for c, d in self.signatures.candidates(sig, keys)
                      if c != clip_id and (c in self.committed or c < clip_id)]
-            out.append(found[0] if found else None)
+            out[i] = found[0] if found else None
             self.signatures.add(clip_id, sig, keys)
         return out
 

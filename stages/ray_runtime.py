@@ -1,7 +1,9 @@
 """One way to start or join Ray, for builds, compaction and (later) training.
 
-A local Ray is started with nothing reaching outside 127.0.0.1: `address="local"` (never attach to another
-cluster running on the machine), node IP 127.0.0.1, no dashboard, usage stats off. Ray's own log lines go to
+A local Ray is started with nothing reaching outside this machine: `address="local"` (never attach to another
+cluster running on the machine), node IP 127.0.0.1, no dashboard, usage stats off (so no cloud metadata
+look-up). Ray 2.60's GCS and raylet still listen on all interfaces; `tests/stages/test_ray_runtime.py` checks
+that no connection leaves the machine. Ray's own log lines go to
 the run's log file instead of the terminal, which shows the project's progress display only.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ def route_ray_logs(log_file: str | Path | None) -> None:
         for handler in handlers:
             logger.addHandler(handler)
         logger.propagate = False
+        logger.setLevel(logging.INFO)  # Ray Data logs DEBUG by default: too much even for a log file
 
 
 def quiet_ray_data() -> None:
@@ -58,7 +61,7 @@ def _has_auth_token() -> bool:
 def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: str | Path | None = None,
              video_worker: bool = True) -> None:
     """Join the cluster at `address` ("auto", "ray://host:10001", "10.0.0.1:6379"), or start a private local
-    Ray (`num_cpus`, default all) whose every process listens and talks on 127.0.0.1 only. A local node
+    Ray (`num_cpus`, default all) that reaches nothing outside this machine. A local node
     offers the `video_worker` resource (one per CPU) so the video stages place as on a cluster."""
     import ray
     import ray.data  # noqa: F401  (configures its loggers on import: route them after)
@@ -77,4 +80,4 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         resources = {VIDEO_WORKER: float(cpus)} if video_worker else {}
         ray.init(address="local", num_cpus=cpus, resources=resources, _node_ip_address="127.0.0.1", **kwargs)
     quiet_ray_data()
-    log.info("ray: %s", "joined " + address if address else "local, 127.0.0.1 only")
+    log.info("ray: %s", "joined " + address if address else "private local Ray (no dashboard, usage stats off)")

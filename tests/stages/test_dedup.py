@@ -72,7 +72,8 @@ def result_with(video_id: str, frames: list[bytes], start: int = 0) -> VideoResu
     return VideoResult(video_id=video_id, source=f"{video_id}.mp4", samples=[ShardSample(clip=clip, frames=frames)])
 
 
-def test_partitioned_actors_drop_dataset_duplicates_and_reload_on_resume(reencoded, tmp_path, ray_local):
+def test_partitioned_actors_drop_dataset_duplicates_and_reload_on_resume(reencoded, sample_dir, tmp_path,
+                                                                          ray_local):
     cfg = FilterConfig()
     original, copy = reencoded
     actors = dedup_ray.start_partitions(cfg, str(tmp_path), [], partitions=3)
@@ -84,9 +85,10 @@ def test_partitioned_actors_drop_dataset_duplicates_and_reload_on_resume(reencod
     # resume: the committed clip is reloaded from its part's frame hashes; a new copy is dropped
     PartWriter(Storage.from_uri(tmp_path), signature_frames=cfg.clip_hash_frames).write("part-00aa", kept)
     resumed = dedup_ray.start_partitions(cfg, str(tmp_path), ["part-00aa"], partitions=2)
-    again = dedup_ray._clip_dedup([result_with("vz", copy), result_with("vy", original[::-1])], cfg, resumed)
+    other = frames_of(sample_dir / "bikes.mp4", tmp_path, "other")
+    again = dedup_ray._clip_dedup([result_with("vz", copy), result_with("vy", other)], cfg, resumed)
     assert not again[0].samples and "in the dataset" in again[0].failures[0].detail
-    assert again[1].samples and not again[1].failures  # other frames: kept
+    assert again[1].samples and not again[1].failures  # another video's frames: kept
 
 
 def test_duplicates_cost_no_llm_request(reencoded, sample_dir, stub, tmp_path, ray_local):

@@ -91,3 +91,14 @@ def test_tars_are_byte_identical_for_identical_samples(tmp_path):
     for run in ("x", "y"):
         PartWriter(Storage.from_uri(tmp_path / run)).write("part-1", [_result("a", 3)])
     assert (tmp_path / "x/shards/part-1.tar").read_bytes() == (tmp_path / "y/shards/part-1.tar").read_bytes()
+
+
+def test_hicom_compact_uses_the_run_limits(tmp_path, capsys):
+    from pipeline.cli import main
+
+    _write_parts(tmp_path, [(["a"], [1]), (["b"], [1]), (["c"], [1])])
+    (tmp_path / "config.yaml").write_text("shard: {max_samples: 2}\n")
+    assert main(["compact", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "shards": ["shard-00000", "shard-00001"], "parts_replaced": 3}
+    assert [m.num_samples for m in committed_parts(tmp_path)] == [2, 1]
