@@ -5,25 +5,22 @@ import pytest
 
 from pipeline.export import export_llava
 from pipeline.stats import connect, report, run_sql
-from schemas.records import AnnotationSample, ClipRecord, Failure, QAPair, ShardSample, VideoResult
+from schemas.records import AnnotationSample, Failure, VideoResult
 from stages.shard import PartWriter, part_name_for
 from stages.storage import Storage
+from tests.stages.test_shard import _result as shard_result
 from tests.s3_server import SECRET_KEY, moto_endpoint, s3_bucket  # noqa: F401
 
 
 def _result(video_id: str, clips: int) -> VideoResult:
-    samples = []
-    for i in range(clips):
-        clip = ClipRecord(id=ClipRecord.make_id(video_id, i, i + 1), video_id=video_id, source=f"{video_id}.mp4",
-                          start_s=i, end_s=i + 1.5, frame_times_s=[i], frame_indices=[0], num_clip_frames=1,
-                          frame_size_px=4)
-        pair = QAPair(instruction="What happens?", answer="A thing.", sample_id=f"{clip.id}-s")
-        sample = AnnotationSample.model_validate({"id": f"{clip.id}-s", "conversations": [
-            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A thing."}]})
-        samples.append(ShardSample(clip=clip, frames=[b"jpg"], mp4=b"mp4-" + clip.id.encode(), pairs=[pair],
-                                   samples=[sample]))
-    failures = [Failure(item_id=f"{video_id}-late", video_id=video_id, stage="split", reason="no_clips")]
-    return VideoResult(video_id=video_id, source=f"{video_id}.mp4", samples=samples, failures=failures)
+    """test_shard's finished video, with a LLaVA sample and a distinct mp4 per clip, and one late failure."""
+    result = shard_result(video_id, clips)
+    for sample in result.samples:
+        sample.samples = [AnnotationSample.model_validate({"id": f"{sample.clip.id}-s", "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A thing."}]})]
+        sample.mp4 = b"mp4-" + sample.clip.id.encode()
+    result.failures = [Failure(item_id=f"{video_id}-late", video_id=video_id, stage="split", reason="no_clips")]
+    return result
 
 
 @pytest.fixture(params=["local", "s3"])
