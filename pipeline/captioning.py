@@ -26,8 +26,9 @@ from schemas.caption import CaptionActorsConfig, CaptioningConfig
 from schemas.config import RunConfig
 from schemas.records import VideoResult
 from stages import caption, dedup, filter as pair_filter, instruct
+from stages.dedup_ray import dedup_stages
 from stages.llm import LLMClient, ResponseCache, read_usage, summary_line, write_usage
-from stages.ray_adapter import from_row, to_row
+from stages.ray_adapter import from_row, stop_reason, to_row
 
 log = logging.getLogger(__name__)
 ANNOTATIONS_DIR = "annotations"
@@ -165,9 +166,9 @@ def actor_cpus(actors: CaptionActorsConfig, cluster_cpus: float) -> tuple[float,
 def _cluster_cpus(cfg: RunConfig) -> float:
     import ray
 
-    from pipeline.build import init_ray  # lazy: build imports this module
+    from stages.ray_runtime import init_ray
 
-    init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
@@ -203,15 +204,10 @@ def apply_stages(ds, stages: list[tuple[type, dict]]):
     return ds
 
 
-def stop_reason(result: VideoResult) -> str | None:
-    """The detail of a failure that must stop the run (an endpoint rejected the request), or None."""
-    return next((f.detail for f in result.failures if f.reason in caption_reasons.STOP_RUN), None)
-
-
 def check(result: VideoResult) -> None:
     """Raise CaptioningStopped before `result` (or anything after it) is committed, if an endpoint rejected
     one of its requests."""
-    detail = stop_reason(result)
+    detail = stop_reason(result)  # stages/ray_adapter: the build's commit stage asks the same
     if detail is not None:
         raise CaptioningStopped(f"stopped before committing {result.video_id}: {detail}. Nothing of this batch "
                                 "was committed; fix the endpoint settings and rerun the same command")
@@ -261,7 +257,8 @@ class CaptioningSession:
 
 @contextlib.contextmanager
 def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_video_ids: set[str] = frozenset(),
-                       dedup_state: Path | None = None) -> Iterator[CaptioningSession]:
+                       dedup_state: Path | None = None, committed_parts: list[str] | None = None
+                       ) -> Iterator[CaptioningSession]:
     """Start the embedded server if configured (stopped on exit, whatever happens) and yield the session.
     A run without an enabled `captioning` section yields an empty session (no stages, finish = identity)."""
     cap = getattr(cfg, "captioning", None)
@@ -270,11 +267,16 @@ def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_video_ids:
         return
     run_dir = Path(run_dir)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    before, after, dataset = [], [], None
+    if committed_parts is not None:
+        # A build: dataset-wide dedup on partitioned Ray actors, clips before any LLM call, instructions after
+        # the filter. `hicom caption` (clips already paid for) keeps the in-process dedup in `finish`.
+        before, after = dedup_stages(cap.filter, str(run_dir), list(committed_parts))
+    else:
+        dataset = dataset_dedup(cap, dedup_state or run_dir / "cache" / "dedup.jsonl", set(committed_video_ids))
     with maybe_server(cap, run_dir) as base_url:
-        yield CaptioningSession(
-            stages=caption_stages(cfg, run_dir, base_url, stamp),
-            dedup=dataset_dedup(cap, dedup_state or run_dir / "cache" / "dedup.jsonl", set(committed_video_ids)),
-            usage_dir=run_dir / USAGE_DIR / stamp)
+        yield CaptioningSession(stages=before + caption_stages(cfg, run_dir, base_url, stamp) + after,
+                                dedup=dataset, usage_dir=run_dir / USAGE_DIR / stamp)
 
 
 @contextlib.contextmanager

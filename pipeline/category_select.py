@@ -60,14 +60,14 @@ def score_videos(cfg: RunConfig, run_dir: Path, videos: list[VideoRecord]) -> No
     """Probe and score `videos` on Ray; the workers write the score rows (parquet)."""
     import ray
 
-    from pipeline.build import init_ray
+    from stages.ray_runtime import init_ray, video_task_resources
 
-    init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, run_dir / "logs" / "hicom.log")
     rows = [to_row(VideoResult(video_id=v.id, source=v.relpath, video=v)) for v in videos]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_BLOCKS))
-    ds = ds.map(RayStage(probe.STAGE, probe.apply, cfg.probe), **probe.RESOURCES)
+    ds = ds.map(RayStage(probe.STAGE, probe.apply, cfg.probe), **probe.RESOURCES, **video_task_resources())
     ds = ds.map(RayStage(categories.STAGE, categories.apply, cfg.recipe.categories, cfg.embedder),
-                **categories.RESOURCES)
+                **categories.RESOURCES, **video_task_resources())
     final = run_dir / SCORES_DIR / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{len(videos)}"
     tmp = final.with_name(final.name + ".tmp")
     ds.map(_score_row).write_parquet(str(tmp))

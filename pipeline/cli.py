@@ -34,7 +34,7 @@ def _print_build(report, dry_run: bool) -> None:
     print(f"built {report.run_dir}: {report.processed_videos} videos processed ({report.skipped_committed} "
           f"already committed) in {report.seconds:.1f}s; run totals: {c['clips']} clips, {c['pairs']} pairs, "
           f"{c['failures']} failures in {c['shards']} shards")
-    print(f"shards: {report.run_dir / 'shards'}")
+    print(f"shards: {report.run_dir}/shards")
     for stage, usage in sorted(report.llm_usage.items()):
         print(f"llm {stage}: {usage}")
 
@@ -82,14 +82,18 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
         overrides["ray.address"] = args.address
     cfg = load_run_config(args.config, overrides)
     _check_input_kind(args, cfg)
-    run_dir = Path(out or Path("runs") / cfg.name)
-    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
-    _setup_logging(None if args.dry_run else run_dir, args.verbose)
+    from stages.storage import Storage
+
+    run_dir = out or str(Path("runs") / cfg.name)  # a path or an object-store URI: never through Path()
+    local_dir = Storage.from_uri(run_dir).local_path()  # None on an object store: no local log file
+    created = (next((p for p in reversed([local_dir, *local_dir.parents]) if not p.exists()), None)
+               if local_dir is not None else None)
+    _setup_logging(None if args.dry_run else local_dir, args.verbose)
     try:
         report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     except Exception:
         if created is not None:
-            _remove_if_empty_run(run_dir, created)
+            _remove_if_empty_run(local_dir, created)
         raise
     _print_build(report, args.dry_run)
     if report.deferred:
@@ -147,6 +151,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from pipeline.compact import compact, run_shard_config
+
+    cfg = run_shard_config(args.run_dir)
+    done = compact(args.run_dir, cfg.model_copy(update={"max_samples": args.max_samples or cfg.max_samples}))
+    print(json.dumps({"shards": [m.shard for m in done], "parts_replaced": sum(len(m.replaces) for m in done)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hicom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -191,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-root", help="where clip mp4s go (default: <out_json stem>_clips/ beside it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compact", help="merge a run's small committed parts into full-size shards")
+    p.add_argument("run_dir")
+    p.add_argument("--max-samples", type=int, help="clips per shard (default: the run's shard.max_samples)")
+    p.set_defaults(func=cmd_compact)
 
     from pipeline.caption_command import add_caption_cli
     from pipeline.train_cli import add_train_cli

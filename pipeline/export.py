@@ -1,52 +1,69 @@
 """export-llava: the release's training JSON (plus clip files) from a run's shards.
 
 The original HICom training code reads `[{"id", "video", "conversations"}]` with `video` relative to a clip
-root; this writes that JSON and the clips under `<OUT>.clips/` (or a given folder) next to it.
+root; this writes that JSON and the clips under `<OUT>_clips/` (or a given folder) next to it. The run, the
+JSON and the clip folder may each be local or on an object store (`s3://...`); tars are streamed through
+`stages.storage`, and every file is written with its atomic-write rule.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
+import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 
-import webdataset as wds
 from tqdm import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.resume import as_storage, committed_tars
+from stages.shard import SHARDS_DIR
+from stages.storage import Storage, is_uri
 
 log = logging.getLogger(__name__)
 
 
-def committed_tars(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / "shards").glob("shard-*.tar"))
+def iter_samples(run: Storage, tars: list[str]) -> Iterator[dict]:
+    """WebDataset samples of `tars` (paths or URIs of committed tars of `run`), streamed in order."""
+    def streams():
+        for tar in tars:
+            rel = f"{SHARDS_DIR}/{posixpath.basename(tar)}"
+            with run.open_read(rel) as stream:
+                yield {"url": run.uri(rel), "stream": stream}
+
+    return group_by_keys(tar_file_expander(streams()))
 
 
-def export_llava(run_dir: str | Path, out_json: str | Path, clip_root: str | Path | None = None,
+def _split(path: str | Path) -> tuple[Storage, str]:
+    """(storage of the folder, file name) of a local path or URI."""
+    text = str(path)
+    folder, name = posixpath.split(text) if is_uri(text) else (str(Path(text).parent), Path(text).name)
+    return Storage.from_uri(folder), name
+
+
+def export_llava(run_dir: str | Path | Storage, out_json: str | Path, clip_root: str | Path | None = None,
                  progress: bool = True) -> dict:
     """Write the LLaVA JSON and one mp4 per clip; returns counts. Clips without an mp4 are skipped."""
-    out_json = Path(out_json)
-    clip_root = Path(clip_root) if clip_root else out_json.with_suffix("").with_name(out_json.stem + "_clips")
-    entries, clips, skipped = [], 0, 0
-    tars = committed_tars(run_dir)
+    run = as_storage(run_dir)
+    json_dir, json_name = _split(out_json)
+    if clip_root is None:
+        clip_root = json_dir.uri(Path(json_name).stem + "_clips")
+    clips_dir = Storage.from_uri(clip_root)
+    tars = committed_tars(run)
     if not tars:
-        raise FileNotFoundError(f"no committed shards under {run_dir}/shards")
-    clip_root.mkdir(parents=True, exist_ok=True)
-    dataset = wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False)
-    for sample in tqdm(dataset, desc="export", unit="clip", disable=not progress):
+        raise FileNotFoundError(f"no committed shards under {run.uri(SHARDS_DIR)}")
+    entries, clips, skipped = [], 0, 0
+    for sample in tqdm(iter_samples(run, tars), desc="export", unit="clip", disable=not progress):
         meta = json.loads(sample["json"])
         if "mp4" not in sample:
             skipped += 1
             continue
         relative = f"{meta['id']}.mp4"
-        target = clip_root / relative
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(sample["mp4"])
-        os.replace(tmp, target)
+        clips_dir.write_bytes(relative, sample["mp4"])
         clips += 1
         for s in meta["samples"]:
             entries.append({"id": s["id"], "video": relative, "conversations": s["conversations"]})
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(entries, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, out_json)
+    json_dir.write_text(json_name, json.dumps(entries, ensure_ascii=False, indent=1))
     if skipped:
         log.warning("%d clips have no mp4 (clip.write_mp4 was off) and were not exported", skipped)
-    return {"samples": len(entries), "clips": clips, "skipped_no_mp4": skipped, "clip_root": str(clip_root)}
+    return {"samples": len(entries), "clips": clips, "skipped_no_mp4": skipped, "clip_root": clips_dir.uri()}

@@ -1,68 +1,110 @@
-"""Resume: find what a run directory has committed and remove what a killed run left half-written."""
+"""Resume: what a run has committed, and cleaning what a killed run left half-written.
+
+The one reader of committed parts: a part exists iff its marker (`shards/<name>.stats.json`) exists and no
+committed compacted shard lists it in `replaces`. Stats, export, the trainer and `hicom caption` read parts
+through `committed_parts` / `committed_tars`, so a tar without its marker (a writer killed mid-commit, or an
+object-store upload whose marker never came) is never read.
+"""
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.shard import FAILURES_DIR, SHARDS_DIR
+from pydantic import ValidationError
+
+from schemas.index import PartMarker
+from stages.shard import FAILURES_DIR, MARKER_SUFFIX, SHARDS_DIR
+from stages.storage import TEMP_SUFFIX, Storage
 
 log = logging.getLogger(__name__)
-_PART = re.compile(r"^shard-(\d{5,})\.")
+_NAME = re.compile(r"^((?:shard-\d{5,})|(?:part-[0-9a-f]+))\.")
+_SHARD_INDEX = re.compile(r"^shard-(\d{5,})$")
+
+
+def as_storage(run: str | Path | Storage) -> Storage:
+    return run if isinstance(run, Storage) else Storage.from_uri(run)
+
+
+def _order(name: str) -> tuple[int, int, str]:
+    """Compacted shards in index order, then the workers' parts by name."""
+    match = _SHARD_INDEX.match(name)
+    return (0, int(match.group(1)), name) if match else (1, 0, name)
+
+
+def _read_markers(storage: Storage) -> list[PartMarker]:
+    markers = []
+    for rel in storage.list(SHARDS_DIR):
+        if not rel.endswith(MARKER_SUFFIX) or rel.endswith(TEMP_SUFFIX):
+            continue
+        try:
+            markers.append(PartMarker.model_validate_json(storage.read_bytes(rel)))
+        except (OSError, ValueError, ValidationError) as exc:
+            log.warning("ignoring unreadable marker %s: %s", rel, exc)
+    return markers
+
+
+def committed_parts(run: str | Path | Storage) -> list[PartMarker]:
+    """Markers of every committed part, compacted shards first (read-only: nothing is removed)."""
+    markers = _read_markers(as_storage(run))
+    superseded = {name for m in markers for name in m.replaces}
+    return sorted((m for m in markers if m.shard not in superseded), key=lambda m: _order(m.shard))
+
+
+def committed_stats(run: str | Path | Storage) -> list[dict]:
+    """`committed_parts` as plain dicts (what stats and `hicom caption` read)."""
+    return [m.model_dump() for m in committed_parts(run)]
+
+
+def committed_tars(run: str | Path | Storage) -> list[str]:
+    """The tars of committed parts that hold samples, in part order, as paths or URIs."""
+    storage = as_storage(run)
+    return [storage.uri(f"{SHARDS_DIR}/{m.shard}.tar") for m in committed_parts(storage) if m.num_samples]
 
 
 @dataclass
 class CommittedState:
-    parts: list[int] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
     video_ids: set[str] = field(default_factory=set)
     loose_failure_ids: set[str] = field(default_factory=set)
     removed: list[str] = field(default_factory=list)
 
     @property
-    def next_index(self) -> int:
-        return max(self.parts, default=-1) + 1
+    def next_shard_index(self) -> int:
+        indexes = [int(m.group(1)) for p in self.parts if (m := _SHARD_INDEX.match(p))]
+        return max(indexes, default=-1) + 1
 
 
-def _is_committed(stats_path: Path) -> dict | None:
-    try:
-        stats = json.loads(stats_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    tar = stats_path.with_name(stats_path.name.replace(".stats.json", ".tar"))
-    return stats if stats.get("num_samples", 0) == 0 or tar.exists() else None
-
-
-def committed_stats(run_dir: Path) -> list[dict]:
-    """Stats of every committed part, in part order (read-only: nothing is removed)."""
-    out = []
-    for path in sorted((Path(run_dir) / SHARDS_DIR).glob("shard-*.stats.json")):
-        stats = _is_committed(path)
-        if stats is not None:
-            out.append(stats)
-    return out
-
-
-def scan_and_clean(run_dir: Path) -> CommittedState:
-    """Committed parts and their ids; files of uncommitted parts and temp files are deleted."""
+def committed_state(run: str | Path | Storage) -> CommittedState:
+    """Committed part names and the ids they commit (read-only)."""
     state = CommittedState()
-    for stats in committed_stats(run_dir):
-        state.parts.append(int(stats["index"]))
-        duplicated = state.video_ids.intersection(stats["video_ids"])
+    for marker in committed_parts(run):
+        state.parts.append(marker.shard)
+        duplicated = state.video_ids.intersection(marker.video_ids)
         if duplicated:
             log.warning("videos committed twice (kept both): %s", sorted(duplicated)[:5])
-        state.video_ids.update(stats["video_ids"])
-        state.loose_failure_ids.update(stats.get("loose_failure_ids", []))
-    committed = set(state.parts)
-    for folder in (Path(run_dir) / SHARDS_DIR, Path(run_dir) / FAILURES_DIR):
-        if not folder.exists():
-            continue
-        for path in folder.iterdir():
-            match = _PART.match(path.name)
-            if path.name.endswith(".tmp") or (match and int(match.group(1)) not in committed):
-                path.unlink()
-                state.removed.append(path.name)
+        state.video_ids.update(marker.video_ids)
+        state.loose_failure_ids.update(marker.loose_failure_ids)
+    return state
+
+
+def scan_and_clean(run: str | Path | Storage) -> CommittedState:
+    """Committed parts and their ids; temp files, files of parts without a marker and parts superseded by a
+    compacted shard are deleted (call only while no writer runs on this run directory)."""
+    storage = as_storage(run)
+    state = committed_state(storage)
+    keep = set(state.parts)
+    for folder in (SHARDS_DIR, FAILURES_DIR):
+        files = storage.list(folder)
+        # markers of superseded parts go first, so a part is never left half-deleted but still "committed"
+        files.sort(key=lambda rel: not rel.endswith(MARKER_SUFFIX))
+        for rel in files:
+            name = rel.rsplit("/", 1)[-1]
+            match = _NAME.match(name)
+            if name.endswith(TEMP_SUFFIX) or (match and match.group(1) not in keep):
+                storage.delete(rel)
+                state.removed.append(name)
     if state.removed:
-        log.info("removed %d files left by an interrupted run", len(state.removed))
+        log.info("removed %d files left by an interrupted run or superseded by compaction", len(state.removed))
     return state

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import subprocess
 import time
@@ -14,6 +13,7 @@ import yaml
 
 from schemas.config import RunConfig
 from stages.ffmpeg_tools import ffmpeg_binary
+from stages.storage import Storage
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -41,48 +41,46 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class RunDirectory:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """A run on a local disk or an object store (through `Storage`); config and manifest written atomically."""
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / MANIFEST_FILE
+    def __init__(self, path: str | Path | Storage):
+        self.storage = path if isinstance(path, Storage) else Storage.from_uri(path)
+        self.path = self.storage.local_path() or self.storage.uri()
+
+    def _write_json(self, rel: str, data: dict) -> None:
+        self.storage.write_text(rel, json.dumps(data, indent=1, sort_keys=True))
 
     def read_manifest(self) -> dict:
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            return json.loads(self.storage.read_text(MANIFEST_FILE))
         except (OSError, ValueError):
             return {}
 
     def open(self, cfg: RunConfig) -> None:
         """Create or reopen the run; a reopened run must have been built with the same output config."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "logs").mkdir(exist_ok=True)
-        config_path = self.path / CONFIG_FILE
+        local = self.storage.local_path()
+        if local is not None:
+            (local / "logs").mkdir(parents=True, exist_ok=True)
         resolved = cfg.model_dump(mode="json")
-        if config_path.exists():
-            previous = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        if self.storage.exists(CONFIG_FILE):
+            previous = yaml.safe_load(self.storage.read_text(CONFIG_FILE)) or {}
             changed = sorted(k for k in resolved if k not in _EXECUTION_ONLY and previous.get(k) != resolved[k])
             if changed:
                 raise ConfigMismatch(
                     f"{self.path} was built with a different config (sections: {', '.join(changed)}); "
                     "resume with the same config or choose a new --out")
-        config_path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+        self.storage.write_text(CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
         manifest = self.read_manifest()
         manifest.update({"name": cfg.name, "status": "running", "started_at": time.time(),
                          "versions": _versions(), "runs": manifest.get("runs", 0) + 1})
-        _write_json_atomic(self.manifest_path, manifest)
+        self._write_json(MANIFEST_FILE, manifest)
 
-    def finish(self, counts: dict, status: str = "finished") -> dict:
-        """Mark the run done: `finished`, or `incomplete` when some videos must be retried by a rerun."""
+    def finish(self, counts: dict, status: str = "finished", deferred: list[str] = ()) -> dict:
+        """Mark the run done: `finished`, or `incomplete` when some videos must be retried by a rerun
+        (`deferred`: their ids, shown by the next build before it starts)."""
         manifest = self.read_manifest()
-        manifest.update({"status": status, "finished_at": time.time(), "counts": counts})
-        _write_json_atomic(self.manifest_path, manifest)
+        manifest.update({"status": status, "finished_at": time.time(), "counts": counts,
+                         "deferred_video_ids": sorted(deferred)})
+        self._write_json(MANIFEST_FILE, manifest)
         return manifest

@@ -1,27 +1,38 @@
-"""Dataset stats with DuckDB: tables `clips`, `pairs`, `videos`, `failures`, `shards` from a run's indexes.
+"""Dataset stats with DuckDB: views `clips`, `pairs`, `videos`, `failures`, `shards` over a run's indexes.
 
-The index parquet files are loaded into an in-memory database, then file access is switched off and the
-configuration locked, so user SQL can read the tables but cannot read or write files (no COPY TO, no ATTACH).
+The views read the committed parts' index parquet files at query time (nothing is copied into the database,
+so a run with hundreds of millions of pair rows still answers). The connection is then sealed: on a local
+run DuckDB may open only those files (`allowed_paths`), all other file access is off and the configuration is
+locked. `allowed_paths` would also let a `COPY ... TO` overwrite an index file, so user SQL (`run_sql`) is
+limited to read statements. On an object-store run (`s3://...`) the views are pyarrow datasets registered in
+DuckDB (read through `stages.storage`), because DuckDB's own S3 reader (the httpfs extension) is downloaded
+at first use and this pipeline runs offline; no DuckDB file access is allowed there at all.
 """
 from __future__ import annotations
 
 import logging
+import posixpath
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from pipeline.captioning import ANNOTATIONS_DIR
-from pipeline.resume import committed_stats
-from stages.shard import CLIP_SCHEMA, FAILURE_SCHEMA, FAILURES_DIR, PAIR_SCHEMA, SHARDS_DIR, VIDEO_SCHEMA
+from pipeline.resume import as_storage, committed_stats
+from schemas.index import CLIP_SCHEMA, FAILURE_SCHEMA, PAIR_SCHEMA, VIDEO_SCHEMA
+from stages.shard import FAILURES_DIR, MARKER_SUFFIX, SHARDS_DIR
+from stages.storage import Storage
 
 log = logging.getLogger(__name__)
 TABLES = {
-    "clips": (SHARDS_DIR, "*.clips.parquet", CLIP_SCHEMA),
-    "pairs": (SHARDS_DIR, "*.pairs.parquet", PAIR_SCHEMA),
-    "videos": (SHARDS_DIR, "*.videos.parquet", VIDEO_SCHEMA),
-    "failures": (FAILURES_DIR, "*.parquet", FAILURE_SCHEMA),
+    "clips": (SHARDS_DIR, ".clips.parquet", CLIP_SCHEMA),
+    "pairs": (SHARDS_DIR, ".pairs.parquet", PAIR_SCHEMA),
+    "videos": (SHARDS_DIR, ".videos.parquet", VIDEO_SCHEMA),
+    "failures": (FAILURES_DIR, ".parquet", FAILURE_SCHEMA),
 }
+# What user SQL may run: reads only (see the module docstring for why writes are refused by statement type).
+READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
 SHARD_SCHEMA = pa.schema([
@@ -29,47 +40,72 @@ SHARD_SCHEMA = pa.schema([
     ("num_pairs", pa.int64()), ("tar_bytes", pa.int64()), ("committed_at", pa.float64())])
 
 
-def _create_from_arrow(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
-    con.register("_arrow_source", table)
-    con.execute(f"CREATE TABLE {name} AS SELECT * FROM _arrow_source")
-    con.unregister("_arrow_source")
-
-
-def _table_sources(run_dir: Path, annotations: str | None) -> dict:
-    """Where each table's parquet files are. With an annotation version (`hicom caption`), `pairs` come from
+def _table_sources(storage: Storage, annotations: str | None) -> dict:
+    """Where each view's parquet files are. With an annotation version (`hicom caption`), `pairs` come from
     that version and its failures join the run's."""
     tables = dict(TABLES)
     if annotations:
-        folder = Path(ANNOTATIONS_DIR) / annotations
-        if not (run_dir / folder).is_dir():
-            raise FileNotFoundError(f"no annotation version {annotations!r} under {run_dir / ANNOTATIONS_DIR}")
-        tables["pairs"] = (folder, "*.pairs.parquet", PAIR_SCHEMA)
-        tables["annotation_failures"] = (folder, "*.failures.parquet", FAILURE_SCHEMA)
+        folder = f"{ANNOTATIONS_DIR}/{annotations}"
+        if not storage.list(folder):
+            raise FileNotFoundError(f"no annotation version {annotations!r} under {storage.uri(ANNOTATIONS_DIR)}")
+        tables["pairs"] = (folder, ".pairs.parquet", PAIR_SCHEMA)
+        tables["annotation_failures"] = (folder, ".failures.parquet", FAILURE_SCHEMA)
     return tables
 
 
-def connect(run_dir: str | Path, annotations: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB holding the run's committed indexes, sealed against file access."""
-    run_dir = Path(run_dir)
-    if not (run_dir / SHARDS_DIR).is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no {SHARDS_DIR}/)")
-    committed = {p["shard"] for p in committed_stats(run_dir)}
+def _part_of(rel: str) -> str:
+    return posixpath.basename(rel).split(".")[0]
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _files(storage: Storage, folder: str, suffix: str, committed: set[str]) -> list[str]:
+    return [rel for rel in storage.list(folder) if rel.endswith(suffix) and _part_of(rel) in committed
+            and not rel.endswith(MARKER_SUFFIX)]
+
+
+def _add_view(con: duckdb.DuckDBPyConnection, storage: Storage, name: str, files: list[str],
+              schema: pa.Schema) -> list[str]:
+    """Create view `name` over `files`; returns the local paths DuckDB itself must be allowed to open."""
+    if not files:
+        con.register(name, schema.empty_table())
+        return []
+    if storage.is_local:
+        paths = [storage.fs_path(rel) for rel in files]
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)")
+        return paths
+    dataset = pads.dataset([storage.fs_path(rel) for rel in files], schema=schema, format="parquet",
+                           filesystem=storage.fs)
+    con.register(name, dataset)  # scanned lazily (projection and filters pushed down), never copied
+    return []
+
+
+def connect(run: str | Path | Storage, annotations: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with views over the run's committed indexes, sealed against file access."""
+    storage = as_storage(run)
+    if not storage.exists(SHARDS_DIR):
+        raise FileNotFoundError(f"{storage.uri()} is not a run directory (no {SHARDS_DIR}/)")
+    parts = committed_stats(storage)
+    committed = {p["shard"] for p in parts}
     if annotations:  # a part of an annotation version counts once its own stats file is written
-        committed &= {p.name.split(".")[0] for p in (run_dir / ANNOTATIONS_DIR / annotations).glob("*.stats.json")}
+        folder = f"{ANNOTATIONS_DIR}/{annotations}"
+        committed &= {_part_of(rel) for rel in storage.list(folder) if rel.endswith(MARKER_SUFFIX)}
     con = duckdb.connect(":memory:")
-    for table, (folder, pattern, schema) in _table_sources(run_dir, annotations).items():
-        files = sorted(str(p) for p in (run_dir / folder).glob(pattern)
-                       if p.name.split(".")[0] in committed)
-        if files:
-            con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet(?, union_by_name=true)", [files])
-        else:
-            _create_from_arrow(con, table, schema.empty_table())
+    allowed: list[str] = []
+    for table, (folder, suffix, schema) in _table_sources(storage, annotations).items():
+        name = f"run_{table}" if annotations and table == "failures" else table
+        allowed += _add_view(con, storage, name, _files(storage, folder, suffix, committed), schema)
     shards = [{"shard": p["shard"], "num_samples": p["num_samples"], "num_videos": p["num_videos"],
                "num_failures": p["num_failures"], "num_pairs": p.get("num_pairs", 0),
-               "tar_bytes": p["tar_bytes"], "committed_at": p["committed_at"]} for p in committed_stats(run_dir)]
-    _create_from_arrow(con, "shards", pa.Table.from_pylist(shards, schema=SHARD_SCHEMA))
+               "tar_bytes": p["tar_bytes"], "committed_at": p["committed_at"]} for p in parts]
+    con.register("shards", pa.Table.from_pylist(shards, schema=SHARD_SCHEMA))
     if annotations:
-        con.execute("INSERT INTO failures SELECT * FROM annotation_failures; DROP TABLE annotation_failures")
+        con.execute("CREATE VIEW failures AS SELECT * FROM run_failures "
+                    "UNION ALL BY NAME SELECT * FROM annotation_failures")
+    if allowed:
+        con.execute(f"SET allowed_paths = {_sql_list(allowed)}")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
@@ -110,9 +146,20 @@ def format_table(columns: list[str], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+class ReadOnlySql(duckdb.PermissionException):
+    """User SQL that would do more than read the views."""
+
+
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str) -> str:
-    cursor = con.execute(sql)
-    if cursor.description is None:
+    """Run user SQL (read statements only) and format its last result as a table."""
+    statements = con.extract_statements(sql)
+    refused = [s.type.name for s in statements if s.type not in READ_STATEMENTS]
+    if refused:
+        raise ReadOnlySql(f"only SELECT/EXPLAIN queries run on a run's indexes (got {', '.join(refused)})")
+    cursor = None
+    for statement in statements:
+        cursor = con.execute(statement)
+    if cursor is None or cursor.description is None:
         return "(no result)"
     return format_table([d[0] for d in cursor.description], cursor.fetchall())
 

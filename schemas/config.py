@@ -1,11 +1,12 @@
 """Run configuration: typed, defaulted, explained. YAML files validate into `RunConfig`."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.caption import CaptioningConfig
 from schemas.overrides import apply_overrides
@@ -16,8 +17,14 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_URI_CREDENTIALS = re.compile(r"://[^/@?]*@|[?&](access_key|secret_key|session_token)=", re.IGNORECASE)
+
+
 class InputConfig(_Config):
-    """Where source videos come from."""
+    """Where source videos come from (local paths or object-store URIs such as `s3://bucket/videos/`)."""
+
+    # The resolved config is saved in the run directory: a URI must not carry credentials (use AWS_* env vars).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     kind: Literal["auto", "directory", "manifest", "llava"] = "auto"
     path: str | None = None  # directory, manifest (csv/parquet/jsonl) or LLaVA json/jsonl
@@ -35,6 +42,14 @@ class InputConfig(_Config):
     # Instruction used to turn a manifest caption into a pair until the captioning stage runs.
     caption_instruction: str = "Describe the video in detail."
     hash_files: bool = True  # sha256 of every source file (provenance); costs one read per file
+
+    @field_validator("path", "data_root")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value and _URI_CREDENTIALS.search(value):
+            raise ValueError("credentials in an input URI would be saved with the run; give them in the "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables instead")
+        return value
 
 
 class ProbeConfig(_Config):
@@ -83,8 +98,11 @@ class ClipConfig(_Config):
 class ShardConfig(_Config):
     """WebDataset shard limits. A video's clips always land in one shard."""
 
-    max_samples: int = 1000
+    max_samples: int = 1000  # per compacted shard
     max_bytes: int = 1024**3
+    # Videos a worker commits together as one small part: a kill loses at most the parts in flight.
+    videos_per_part: int = Field(4, ge=1)
+    compact: bool = True  # merge the parts into full-size shards when the build ends (else `hicom compact`)
 
 
 class RayConfig(_Config):

@@ -10,6 +10,8 @@ BAD_ANNOTATION = "bad_annotation"
 BAD_NAME = "undecodable_file_name"
 UNSUPPORTED_URL = "unsupported_url"
 DUPLICATE_SOURCE = "duplicate_source"  # a second name (symlink) for a file already ingested under its own name
+MALFORMED_ROW = "malformed_manifest_row"  # wrong column count, a line that is not JSON, an unreadable file
+DUPLICATE_SPAN = "duplicate_span"  # a manifest row repeating a span (or a whole video) already listed
 # probe
 EMPTY_FILE = "empty_file"
 FILE_TOO_LARGE = "file_too_large"

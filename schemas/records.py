@@ -53,6 +53,7 @@ class Span(_Record):
     caption: str | None = None
     row: int | None = None  # the manifest row it came from (failure rows are keyed by it)
     samples: list[AnnotationSample] = Field(default_factory=list)
+    row: int | None = None  # the manifest/annotation row it came from (1-based line), None for directories
 
 
 class ProbeInfo(_Record):

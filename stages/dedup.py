@@ -1,5 +1,14 @@
-"""Duplicates of clips and instructions: near-duplicate clips by frame hashes within a video (before any
-LLM call) and across the dataset, and instructions repeated too often across the dataset (driver side).
+"""Duplicates of clips and instructions: near-duplicate clips by frame hashes within a video and across the
+dataset, and instructions repeated too often across the dataset.
+
+A clip's signature is the 64-bit dHash of `k` frames picked evenly. Two clips are near-duplicates when the
+mean Hamming distance of their aligned hashes is <= T bits (`clip_hash_max_distance`). The index finds every
+such pair: if the mean over k frames is <= T, some frame differs by <= T bits, and a hash cut into T+1 bands
+keeps at least one band intact, so banding every frame into T+1 bands (`band_keys`) never misses a pair the
+threshold accepts (banding one frame into 4 bands missed re-encodes whose few changed bits hit every band).
+
+`SignatureIndex` is that index in memory; `stages/dedup_ray.py` partitions it over Ray actors for builds.
+`DatasetDedup` is the in-process version `hicom caption` uses (state in a JSONL file).
 """
 from __future__ import annotations
 
@@ -13,7 +22,9 @@ import numpy as np
 from schemas import caption_reasons as reasons
 from schemas.caption import FilterConfig
 from schemas.records import Failure, ShardSample, VideoResult
-from stages.filter import STAGE, drop_pair, normalize
+from stages.filter import drop_pair, normalize
+
+STAGE = "dedup"
 
 
 def dhash(jpeg: bytes) -> int:
@@ -40,6 +51,17 @@ def signature_distance(a: list[int], b: list[int]) -> float:
     return sum(bin(x ^ y).count("1") for x, y in zip(a[:n], b[:n])) / n if n else 64.0
 
 
+def band_keys(sig: list[int], max_distance: float) -> list[int]:
+    """Index keys of a signature: each frame hash cut into floor(T)+1 bands, key = (frame, band, bits)."""
+    bands = int(max_distance) + 1
+    edges = [round(64 * i / bands) for i in range(bands + 1)]
+    keys = []
+    for pos, h in enumerate(sig):
+        for band, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            keys.append((((pos << 8) | band) << 32) | ((h >> lo) & ((1 << (hi - lo)) - 1)))
+    return keys
+
+
 def drop_clip(result: VideoResult, sample: ShardSample, detail: str) -> None:
     """Remove a clip; a Failure for the clip and one for each pair sample it carried."""
     result.samples = [s for s in result.samples if s is not sample]
@@ -48,7 +70,7 @@ def drop_clip(result: VideoResult, sample: ShardSample, detail: str) -> None:
                                        reason=reasons.DUPLICATE_CLIP, detail=detail, source=sample.clip.source))
 
 
-def _annotated(sample: ShardSample) -> bool:
+def annotated(sample: ShardSample) -> bool:
     return any(p.source == "annotation" for p in sample.pairs)
 
 
@@ -62,11 +84,41 @@ def dedup_clips(result: VideoResult, cfg: FilterConfig) -> VideoResult:
         sig = clip_signature(sample.frames, cfg.clip_hash_frames)
         match = next(((cid, d) for cid, other in kept
                       if (d := signature_distance(sig, other)) <= cfg.clip_hash_max_distance), None)
-        if match and not _annotated(sample):
+        if match and not annotated(sample):
             drop_clip(result, sample, f"near-duplicate of {match[0]} (mean Hamming {match[1]:.1f} bits)")
         else:
             kept.append((sample.clip.id, sig))
     return result
+
+
+class SignatureIndex:
+    """Clip signatures by band key; `match` returns the closest indexed clip within the threshold."""
+
+    def __init__(self, max_distance: float):
+        self.max_distance = max_distance
+        self.bands: dict[int, list[int]] = {}
+        self.entries: list[tuple[str, list[int]]] = []  # (clip id, signature); bands hold positions here
+
+    def add(self, clip_id: str, sig: list[int], keys: list[int] | None = None) -> None:
+        if not sig:
+            return
+        self.entries.append((clip_id, sig))
+        for key in band_keys(sig, self.max_distance) if keys is None else keys:
+            self.bands.setdefault(key, []).append(len(self.entries) - 1)
+
+    def candidates(self, sig: list[int], keys: list[int] | None = None) -> list[tuple[str, float]]:
+        """Indexed clips within the threshold, closest first."""
+        seen: dict[int, float] = {}
+        for key in band_keys(sig, self.max_distance) if keys is None else keys:
+            for pos in self.bands.get(key, []):
+                if pos not in seen:
+                    seen[pos] = signature_distance(sig, self.entries[pos][1])
+        found = [(self.entries[pos][0], d) for pos, d in seen.items() if d <= self.max_distance]
+        return sorted(found, key=lambda x: (x[1], x[0]))
+
+    def match(self, sig: list[int]) -> tuple[str, float] | None:
+        found = self.candidates(sig) if sig else []
+        return found[0] if found else None
 
 
 class DatasetDedup:
@@ -79,7 +131,7 @@ class DatasetDedup:
         self.path = Path(state_path)
         self.cfg = cfg
         self.instruction_counts: Counter = Counter()
-        self.bands: dict[tuple[int, int], list[tuple[str, list[int]]]] = {}
+        self.index = SignatureIndex(cfg.clip_hash_max_distance)
 
     def load(self, committed_video_ids: set[str]) -> "DatasetDedup":
         entries: dict[str, dict] = {}
@@ -94,38 +146,21 @@ class DatasetDedup:
                         entries[entry["video_id"]] = entry  # the last line of a video wins
         for entry in entries.values():
             for clip_id, sig in entry.get("clips", []):
-                self._index(clip_id, sig)
+                self.index.add(clip_id, sig)
             self.instruction_counts.update(entry.get("instructions", []))
         return self
-
-    def _index(self, clip_id: str, sig: list[int]) -> None:
-        if sig:
-            middle = sig[len(sig) // 2]
-            for band in range(4):
-                self.bands.setdefault((band, (middle >> (16 * band)) & 0xFFFF), []).append((clip_id, sig))
-
-    def _match(self, sig: list[int]) -> tuple[str, float] | None:
-        if not sig:
-            return None
-        middle = sig[len(sig) // 2]
-        for band in range(4):
-            for clip_id, other in self.bands.get((band, (middle >> (16 * band)) & 0xFFFF), []):
-                d = signature_distance(sig, other)
-                if d <= self.cfg.clip_hash_max_distance:
-                    return clip_id, d
-        return None
 
     def apply(self, result: VideoResult) -> VideoResult:
         clips, instructions = [], []
         for sample in list(result.samples):
             sig = clip_signature(sample.frames, self.cfg.clip_hash_frames) if self.cfg.drop_duplicate_clips else []
-            match = self._match(sig)
-            if match and not _annotated(sample):
+            match = self.index.match(sig)
+            if match and not annotated(sample):
                 drop_clip(result, sample, f"near-duplicate of {match[0]} in the dataset "
                                           f"(mean Hamming {match[1]:.1f} bits)")
                 continue
             clips.append([sample.clip.id, sig])
-            self._index(sample.clip.id, sig)
+            self.index.add(sample.clip.id, sig)
             instructions += self._cap_instructions(result, sample)
         self._append({"video_id": result.video_id, "clips": clips, "instructions": instructions})
         return result

@@ -1,18 +1,27 @@
-"""The thin layer between record-level stages and Ray Data rows.
+"""The thin layer between record-level stages and Ray Data rows, and the stage that commits parts.
 
 A row is one video's state: `{"video_id": str, "state": bytes}` where `state` is a pickled `VideoResult`.
 Keeping a video in one row keeps its clips together, so a video is committed whole or not at all.
+`CommitStage`, the last stage, turns a batch of finished videos into one committed part on the run's storage
+and emits only a small receipt row: sample bytes never reach the driver.
 """
 from __future__ import annotations
 
 import logging
 import pickle
+from collections import Counter
 from collections.abc import Callable
 
-from schemas import reasons
+import pyarrow as pa
+
+from schemas import caption_reasons, reasons
+from schemas.index import PartReceipt
 from schemas.records import VideoResult
+from stages.shard import PartWriter, part_name_for
+from stages.storage import Storage
 
 log = logging.getLogger(__name__)
+RECEIPT_COLUMN = "receipt"
 
 
 def to_row(result: VideoResult) -> dict:
@@ -42,11 +51,59 @@ class RayStage:
 
     def __call__(self, row: dict) -> dict:
         result = self.run(from_row(row))
-        result.node_id = _current_node_id()  # the last stage that ran wins: clip_decode does the work
+        result.node_id = current_node_id()  # the last stage that ran wins: clip_decode does the work
         return to_row(result)
 
 
-def _current_node_id() -> str | None:
+def current_node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def deferred(result: VideoResult) -> bool:
+    """Whether an LLM endpoint was away for this video: it is not committed, a rerun finishes it."""
+    return any(f.reason in caption_reasons.RETRY_LATER for f in result.failures)
+
+
+def stop_reason(result: VideoResult) -> str | None:
+    """The detail of a failure that must stop the run (an endpoint rejected the request), or None: such a
+    video is never committed, so the rerun with the right settings does its work."""
+    return next((f.detail for f in result.failures if f.reason in caption_reasons.STOP_RUN), None)
+
+
+class CommitStage:
+    """`map_batches` callable: commit a batch of finished videos as part `part-<hash of their ids>` (the same
+    name on a retry or rerun, so a retried task rewrites the same part) and return one receipt row."""
+
+    def __init__(self, run_uri: str, signature_frames: int = 0):
+        self.storage = Storage.from_uri(run_uri)
+        self.signature_frames = signature_frames
+
+    def commit(self, results: list[VideoResult]) -> PartReceipt:
+        stops = [reason for r in results if (reason := stop_reason(r))]
+        later = [r.video_id for r in results if deferred(r) and not stop_reason(r)]
+        done = [r for r in results if not deferred(r) and not stop_reason(r)]
+        node = current_node_id()
+        receipt = PartReceipt(deferred=later, writer_node_id=node, stop_reason=stops[0] if stops else None)
+        if not done:
+            return receipt
+        name = part_name_for(r.video_id for r in done)
+        try:
+            marker = PartWriter(self.storage, self.signature_frames, node).write(name, done)
+        except OSError as exc:  # nothing of this part is visible; the driver stops the run cleanly
+            log.error("cannot commit %s: %s", name, exc)
+            return receipt.model_copy(update={"storage_error": f"{type(exc).__name__}: {exc}"})
+        return receipt.model_copy(update={
+            "part": name, "num_videos": marker.num_videos, "num_clips": marker.num_samples,
+            "num_pairs": marker.num_pairs, "num_failures": marker.num_failures,
+            "failed_by_stage": dict(Counter(f.stage for r in done for f in r.failures))})
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        receipt = self.commit([from_row(row) for row in batch.to_pylist()])
+        return pa.table({RECEIPT_COLUMN: pa.array([receipt.model_dump_json()], pa.string())})
+
+
+def commit_batch(batch: pa.Table, run_uri: str, signature_frames: int = 0) -> pa.Table:
+    """`map_batches` function form of `CommitStage` (a task, so no actor pool holds CPUs between batches)."""
+    return CommitStage(run_uri, signature_frames)(batch)

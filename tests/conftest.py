@@ -86,15 +86,18 @@ def ray_local():
     """One local Ray for the in-process pipeline tests."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from stages.ray_runtime import init_ray
+
+    init_ray(num_cpus=2)  # the project's local Ray: 127.0.0.1 only, with the `video_worker` resource
     yield ray
 
 
 def shard_contents(run_dir) -> dict[str, str]:
     """clip id -> hash of every member of its sample (json, frames, mp4)."""
+    from pipeline.resume import committed_tars
+
     out = {}
-    tars = sorted(str(p) for p in (run_dir / "shards").glob("shard-*.tar"))
+    tars = committed_tars(run_dir)
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
         key = sample["__key__"]
         assert key not in out, f"duplicate clip {key}"

@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from schemas.train import TrainConfig
+from stages.ray_runtime import init_ray
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +84,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
 
 
-def init_ray(cfg: TrainConfig) -> None:
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, **kwargs)
-
-
 def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
@@ -110,7 +101,7 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
 
 def start(cfg: TrainConfig):
     """Start training on Ray without waiting; returns (a callable that blocks for the summary, a ready check)."""
-    init_ray(cfg)
+    init_ray(cfg.address, cfg.num_cpus, video_worker=False)  # the project's one Ray start (stages/ray_runtime)
     cfg = _absolute(cfg)
     gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpu()
     config = cfg.model_dump(mode="json")

@@ -21,7 +21,7 @@ from stages.sampling import frames_in_span, release_frame_indices
 @pytest.fixture(scope="module")
 def sample_run(sample_dir, tmp_path_factory, ray_local):
     cfg = RunConfig.model_validate({"input": {"path": str(sample_dir)}, "split": {"mode": "scene", "max_clip_s": 4},
-                                    "shard": {"max_samples": 4}})
+                                    "shard": {"max_samples": 4, "videos_per_part": 1}})
     run_dir = tmp_path_factory.mktemp("run") / "samples"
     report = build(cfg, run_dir, progress=False)
     return cfg, run_dir, report
@@ -54,10 +54,12 @@ def test_scene_build_on_real_samples_is_readable_by_webdataset_and_ray(sample_ru
     assert np.asarray(rows[0]["f000.jpg"]).shape == (384, 384, 3)
 
 
-def test_rerun_skips_committed_work(sample_run):
+def test_rerun_skips_committed_work(sample_run, caplog):
     cfg, run_dir, first = sample_run
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "shards").iterdir())
-    again = build(cfg, run_dir, progress=False)
+    with caplog.at_level("INFO", logger="pipeline.build"):
+        again = build(cfg, run_dir, progress=False)
+    assert "4 videos already committed (skipped), 0 to process" in caplog.text  # said before it starts
     assert again.processed_videos == 0 and again.skipped_committed == 4
     assert again.counts == first.counts
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "shards").iterdir()) == before

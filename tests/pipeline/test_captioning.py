@@ -18,8 +18,9 @@ from pipeline import caption_command, captioning as cap_pipeline
 from pipeline.llm_server import EmbeddedServer, llama_cpp_available
 from schemas import caption_reasons as reasons
 from schemas.caption import CaptioningConfig, EmbeddedServerConfig
-from schemas.config import RunConfig, ShardConfig
-from stages.shard import ShardWriter
+from schemas.config import RunConfig
+from stages.shard import PartWriter, shard_name
+from stages.storage import Storage
 from tests.stub_openai import make_result
 
 CAPTIONS = ["A man in a blue coat walks a brown dog through a green park.",
@@ -103,10 +104,9 @@ def test_stages_run_on_ray_actor_pools(stub, tmp_path, ray_local):
 
 def committed_run(tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
-    writer = ShardWriter(run_dir, ShardConfig(max_samples=2))
-    for result in videos():
-        writer.add(result)
-    writer.flush()
+    writer = PartWriter(Storage.from_uri(run_dir))
+    for i, result in enumerate(videos()):
+        writer.write(shard_name(i), [result])
     return run_dir
 
 

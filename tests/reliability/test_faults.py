@@ -1,6 +1,7 @@
-"""Faults: a killed driver (during probe, mid-shard write), a killed Ray worker, a full disk.
-Each time the rerun ends with exactly the clips and contents of an uninterrupted run."""
+"""Faults: a killed driver (during probe, mid-compaction), a Ray worker killed mid-FFmpeg and mid-commit, a
+full disk. Each time the rerun ends with exactly the clips and contents of an uninterrupted run."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import pytest
 
 from conftest import make_test_video, shard_contents
 from pipeline.build import RunStorageError, build
+from pipeline.resume import committed_parts
 from schemas.config import RunConfig
 
 CFG = {"split": {"mode": "fixed", "window_s": 1.0, "stride_s": 1.0}, "clip": {"num_frames": 4},
-       "shard": {"max_samples": 3}, "ray": {"num_cpus": 2}}
+       "shard": {"max_samples": 3, "videos_per_part": 2}, "ray": {"num_cpus": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -35,27 +37,49 @@ def reference(videos, tmp_path_factory, ray_local):
     return contents
 
 
-def _driver_script(videos, run, kill_on: str | None) -> str:
-    """A build in a subprocess that SIGKILLs itself the moment it is about to publish `kill_on`."""
+@pytest.fixture(scope="module")
+def uncompacted(videos, tmp_path_factory, ray_local):
+    """A run whose workers committed their parts and that was not compacted yet."""
+    run = tmp_path_factory.mktemp("fault-parts") / "run"
+    cfg = {**CFG, "shard": {**CFG["shard"], "compact": False}}
+    build(RunConfig.model_validate({**cfg, "input": {"path": str(videos)}}), run, progress=False)
+    assert all(m.shard.startswith("part-") for m in committed_parts(run))
+    return run
+
+
+def _driver_script(videos, run, runtime_env: dict | None = None) -> str:
+    """A build in a subprocess; `runtime_env` (fault hooks) is given to its local Ray."""
     return textwrap.dedent(f"""
-        import os, signal
-        from pathlib import Path
-        import stages.shard as shard
+        import ray
         from pipeline.build import build
         from schemas.config import RunConfig
-        kill_on = {kill_on!r}
-        real_replace = os.replace
-        def replace(src, dst):
-            if kill_on and Path(dst).name == kill_on:
-                os.kill(os.getpid(), signal.SIGKILL)
-            real_replace(src, dst)
-        shard.os.replace = replace
+        from stages.ray_runtime import VIDEO_WORKER
+        if {runtime_env!r}:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, resources={{VIDEO_WORKER: 2}},
+                     runtime_env={runtime_env!r})
         build(RunConfig.model_validate({{**{CFG!r}, "input": {{"path": {str(videos)!r}}}}}), {str(run)!r},
               progress=False)
     """)
 
 
-def _run_driver(script: str, timeout_s: float = 300) -> int:
+def _compact_script(run, kill_on: str | None) -> str:
+    """`compact` in a subprocess that SIGKILLs itself the moment it is about to publish `kill_on`."""
+    return textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from pipeline.compact import compact
+        from schemas.config import ShardConfig
+        real_replace = os.replace
+        def replace(src, dst):
+            if Path(dst).name == {kill_on!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+        os.replace = replace
+        compact({str(run)!r}, ShardConfig(max_samples=3))
+    """)
+
+
+def _run(script: str, timeout_s: float = 300) -> int:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout_s,
                           start_new_session=True)
     return proc.returncode
@@ -63,27 +87,38 @@ def _run_driver(script: str, timeout_s: float = 300) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_on", ["shard-00001.tar", "shard-00002.stats.json", "shard-00001.pairs.parquet"])
-def test_driver_killed_mid_shard_write(videos, reference, tmp_path, kill_on):
+def test_driver_killed_mid_compaction(uncompacted, reference, tmp_path, kill_on):
     run = tmp_path / "run"
-    assert _run_driver(_driver_script(videos, run, kill_on)) == -signal.SIGKILL
-    visible = {p.name for p in (run / "shards").glob("shard-*.tar")}
-    assert f"{kill_on.split('.')[0]}.tar" not in visible  # the part being written never became visible
-    assert _run_driver(_driver_script(videos, run, None)) == 0
+    shutil.copytree(uncompacted, run)
+    assert _run(_compact_script(run, kill_on)) == -signal.SIGKILL
+    assert kill_on.split(".")[0] not in {m.shard for m in committed_parts(run)}  # not visible half-written
+    assert shard_contents(run) == reference  # readers see every clip once, even now
+    assert _run(_compact_script(run, None)) == 0
     assert shard_contents(run) == reference
+    assert all(m.shard.startswith("shard-") for m in committed_parts(run))
+
+
+def _wait_for(predicate, timeout_s: float):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.02)
+    return None
 
 
 @pytest.mark.slow
 def test_driver_killed_during_probe(videos, reference, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-c", _driver_script(videos, run, None)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not _ffmpeg_processes_on(videos, "ffprobe"):
-        time.sleep(0.02)
+    proc = subprocess.Popen([sys.executable, "-c", _driver_script(videos, run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    seen = _wait_for(lambda: _ffmpeg_processes_on(videos, "ffprobe"), 180)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not list((run / "shards").glob("shard-*.tar")) if (run / "shards").exists() else True
-    assert _run_driver(_driver_script(videos, run, None)) == 0
+    assert seen, "no ffprobe ran before the deadline: the driver was not killed during probe"
+    assert not committed_parts(run) or len(shard_contents(run)) < len(reference)
+    assert _run(_driver_script(videos, run)) == 0
     assert shard_contents(run) == reference
 
 
@@ -97,12 +132,12 @@ def _ffmpeg_processes_on(folder, tool: str = "ffmpeg") -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_ray_worker_killed_mid_run(videos, reference, tmp_path):
+def test_ray_worker_killed_mid_ffmpeg(videos, reference, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", _driver_script(videos, run, None)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", _driver_script(videos, run)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     killed = 0
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline and not killed:
         for ffmpeg in _ffmpeg_processes_on(videos):
             try:
@@ -114,6 +149,18 @@ def test_ray_worker_killed_mid_run(videos, reference, tmp_path):
         time.sleep(0.02)
     assert proc.wait(timeout=300) == 0
     assert killed == 1
+    assert shard_contents(run) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".tar", ".stats.json"])
+def test_ray_worker_killed_while_committing_a_part(videos, reference, tmp_path, suffix):
+    """The worker dies with some of its part's files written; Ray retries the batch under the same part name."""
+    run, flag = tmp_path / "run", tmp_path / "killed.flag"
+    env = {"worker_process_setup_hook": "tests.reliability.fault_hooks.kill_once_on_publish",
+           "env_vars": {"HICOM_FAULT_FLAG": str(flag), "HICOM_FAULT_SUFFIX": suffix}}
+    assert _run(_driver_script(videos, run, env)) == 0
+    assert flag.exists(), "no worker was killed"
     assert shard_contents(run) == reference
 
 

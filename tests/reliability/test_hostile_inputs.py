@@ -110,7 +110,7 @@ def test_hostile_annotations(tmp_path, ray_local):
     failures = dict(con.execute("SELECT item_id, reason FROM failures").fetchall())
     assert failures == {"rel": reasons.PATH_ESCAPES_ROOT, "abs": reasons.ABSOLUTE_PATH,
                         "nofield": reasons.BAD_ANNOTATION, "badconv": reasons.BAD_ANNOTATION,
-                        "qa.jsonl:5": reasons.BAD_ANNOTATION, "url": reasons.UNSUPPORTED_URL}
+                        "qa.jsonl:6": reasons.BAD_ANNOTATION, "url": reasons.UNSUPPORTED_URL}
     assert [r[0] for r in con.execute("SELECT sample_id FROM pairs").fetchall()] == ["good"]
     inputs = ["good", "rel", "abs", "nofield", "badconv", "qa.jsonl:5", "url"]
     records = Counter([i for (i,) in con.execute("SELECT item_id FROM failures").fetchall()]

@@ -1,12 +1,15 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 import webdataset as wds
 
-from pipeline.resume import scan_and_clean
+from pipeline.compact import compact
+from pipeline.resume import committed_parts, committed_tars, scan_and_clean
 from schemas.config import ShardConfig
 from schemas.records import ClipRecord, Failure, QAPair, ShardSample, VideoResult
-from stages.shard import ShardWriter
+from stages.shard import PartWriter, part_name_for
+from stages.storage import Storage
 
 
 def _result(video_id: str, clips: int) -> VideoResult:
@@ -20,46 +23,82 @@ def _result(video_id: str, clips: int) -> VideoResult:
     return VideoResult(video_id=video_id, source=f"{video_id}.mp4", samples=samples)
 
 
-def test_whole_videos_per_shard_and_limits(tmp_path):
-    writer = ShardWriter(tmp_path, ShardConfig(max_samples=3))
-    writer.add_failures([Failure(item_id="bad.mp4", stage="ingest", reason="missing_file")])
-    for vid, n in [("a", 2), ("b", 2), ("c", 1), ("d", 4)]:
-        writer.add(_result(vid, n))
-    writer.flush()
-    stats = [json.loads(p.read_text()) for p in sorted((tmp_path / "shards").glob("*.stats.json"))]
-    assert [s["video_ids"] for s in stats] == [["a"], ["b", "c"], ["d"]]  # d alone exceeds the limit: kept whole
-    assert stats[0]["loose_failure_ids"] == ["bad.mp4"]
-    samples = list(wds.WebDataset(str(tmp_path / "shards" / "shard-00002.tar"), shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [f"d_{i * 1000}_{(i + 1) * 1000}" for i in range(4)]
-    assert set(samples[0]) >= {"json", "f000.jpg", "f001.jpg", "mp4"}
-    meta = json.loads(samples[0]["json"])
-    assert meta["pairs"][0]["scores"] == {"rel": 0.5}
-    pairs = pq.read_table(tmp_path / "shards" / "shard-00002.pairs.parquet").to_pylist()
-    assert len(pairs) == 4 and dict(pairs[0]["scores"]) == {"rel": 0.5}
-    assert pq.read_table(tmp_path / "failures" / "shard-00000.parquet").column("reason").to_pylist() == [
-        "missing_file"]
+def _write_parts(run, groups) -> list[str]:
+    writer = PartWriter(Storage.from_uri(run), writer_node_id="node-a")
+    names = []
+    for ids, sizes in groups:
+        results = [_result(v, n) for v, n in zip(ids, sizes)]
+        names.append(part_name_for(ids))
+        writer.write(names[-1], results)
+    return names
+
+
+def test_part_names_are_deterministic_and_the_marker_commits(tmp_path):
+    assert part_name_for(["b", "a"]) == part_name_for(["a", "b"]) != part_name_for(["a"])
+    writer = PartWriter(Storage.from_uri(tmp_path), writer_node_id="node-a")
+    marker = writer.write("part-0001", [_result("a", 2)], [Failure(item_id="bad.mp4", stage="ingest",
+                                                                   reason="missing_file")])
+    assert marker.num_samples == 2 and marker.loose_failure_ids == ["bad.mp4"]
+    samples = list(wds.WebDataset(str(tmp_path / "shards" / "part-0001.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["a_0_1000", "a_1000_2000"]
+    assert json.loads(samples[0]["json"])["pairs"][0]["scores"] == {"rel": 0.5}
+    videos = pq.read_table(tmp_path / "shards" / "part-0001.videos.parquet").to_pylist()
+    assert videos[0]["writer_node_id"] == "node-a"
+    # without its marker a part does not exist, whatever else is on disk
+    (tmp_path / "shards" / "part-0001.stats.json").unlink()
+    assert committed_parts(tmp_path) == [] and committed_tars(tmp_path) == []
 
 
 def test_uncommitted_leftovers_are_removed_on_resume(tmp_path):
-    writer = ShardWriter(tmp_path, ShardConfig(max_samples=2))
-    writer.add(_result("a", 2))
-    writer.add(_result("b", 2))
-    writer.flush()
+    names = _write_parts(tmp_path, [(["a"], [2]), (["b"], [2])])
     shards = tmp_path / "shards"
-    # simulate a kill between the stats file and the tar of part 1, and a temp file mid-write
-    (shards / "shard-00001.tar").unlink()
-    (shards / "shard-00002.tar.tmp").write_bytes(b"partial")
+    (shards / f"{names[1]}.stats.json").unlink()  # a writer killed just before its marker
+    (shards / "part-0123456789abcdef.tar.1a2b3c4d.tmp").write_bytes(b"partial")
     state = scan_and_clean(tmp_path)
-    assert state.parts == [0] and state.video_ids == {"a"} and state.next_index == 1
-    assert sorted(p.name for p in shards.iterdir()) == [
-        "shard-00000.clips.parquet", "shard-00000.pairs.parquet", "shard-00000.stats.json", "shard-00000.tar",
-        "shard-00000.videos.parquet"]
-    assert sorted(p.name for p in (tmp_path / "failures").iterdir()) == ["shard-00000.parquet"]
+    assert state.parts == [names[0]] and state.video_ids == {"a"}
+    assert sorted(p.name for p in shards.iterdir()) == sorted(
+        f"{names[0]}.{kind}" for kind in ("clips.parquet", "pairs.parquet", "stats.json", "tar", "videos.parquet"))
+    assert [p.name for p in (tmp_path / "failures").iterdir()] == [f"{names[0]}.parquet"]
+
+
+@pytest.mark.parametrize("killed_after", [None, "marker"])
+def test_compaction_merges_parts_exactly_once(tmp_path, killed_after, monkeypatch):
+    names = _write_parts(tmp_path, [(["a"], [2]), (["b"], [1]), (["c"], [2]), (["d"], [4])])
+    before = {t: [s["__key__"] for s in wds.WebDataset(t, shardshuffle=False)] for t in committed_tars(tmp_path)}
+    clips = sorted(k for keys in before.values() for k in keys)
+    if killed_after == "marker":  # a kill after the shard's marker, before its parts were deleted
+        storage = Storage.from_uri(tmp_path)
+        monkeypatch.setattr(Storage, "delete", lambda self, rel: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            compact(storage, ShardConfig(max_samples=3))
+        monkeypatch.undo()
+        # readers already see the shard, not the parts it replaces
+        parts = committed_parts(tmp_path)
+        assert parts[0].shard == "shard-00000" and not set(parts[0].replaces) & {p.shard for p in parts}
+    compact(tmp_path, ShardConfig(max_samples=3))
+    markers = committed_parts(tmp_path)
+    assert all(m.shard.startswith("shard-") for m in markers)
+    after = [s["__key__"] for t in committed_tars(tmp_path) for s in wds.WebDataset(t, shardshuffle=False)]
+    assert sorted(after) == clips and len(after) == len(set(after))
+    assert sum(m.num_videos for m in markers) == 4 and sorted(v for m in markers for v in m.video_ids) == list("abcd")
+    assert not [p for p in (tmp_path / "shards").iterdir() if p.name.startswith("part-")]
+    rows = pq.read_table(tmp_path / "shards" / f"{markers[0].shard}.clips.parquet").to_pylist()
+    assert {r["shard"] for r in rows} == {markers[0].shard}
+    assert compact(tmp_path, ShardConfig(max_samples=3)) == []  # idempotent
 
 
 def test_tars_are_byte_identical_for_identical_samples(tmp_path):
     for run in ("x", "y"):
-        writer = ShardWriter(tmp_path / run, ShardConfig())
-        writer.add(_result("a", 3))
-        writer.flush()
-    assert (tmp_path / "x/shards/shard-00000.tar").read_bytes() == (tmp_path / "y/shards/shard-00000.tar").read_bytes()
+        PartWriter(Storage.from_uri(tmp_path / run)).write("part-1", [_result("a", 3)])
+    assert (tmp_path / "x/shards/part-1.tar").read_bytes() == (tmp_path / "y/shards/part-1.tar").read_bytes()
+
+
+def test_hicom_compact_uses_the_run_limits(tmp_path, capsys):
+    from pipeline.cli import main
+
+    _write_parts(tmp_path, [(["a"], [1]), (["b"], [1]), (["c"], [1])])
+    (tmp_path / "config.yaml").write_text("shard: {max_samples: 2}\n")
+    assert main(["compact", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "shards": ["shard-00000", "shard-00001"], "parts_replaced": 3}
+    assert [m.num_samples for m in committed_parts(tmp_path)] == [2, 1]

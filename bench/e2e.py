@@ -1,0 +1,138 @@
+"""`hicom build` end to end vs the floor of the same FFmpeg work run bare.
+
+    .venv/bin/python bench/e2e.py [--videos 12] [--seconds 20] [--workers 2] [--clip-s 2]
+
+1. Makes real H.264 videos with FFmpeg (lavfi test sources, 1280x720, hard scene cuts).
+2. Recording pass (untimed): probe -> split -> clip+decode in this process, recording every FFmpeg/ffprobe
+   command line the stages execute (clip+decode's are recorded, not run).
+3. Floor: the recorded commands, each in a fresh scratch folder, under `xargs -P WORKERS` (no Python, no Ray).
+4. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
+Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, and the driver's CPU seconds
+per committed clip (goal <= 1 ms: it bounds how many workers one driver can feed).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.build import build  # noqa: E402
+from schemas.config import RunConfig  # noqa: E402
+from schemas.records import VideoResult  # noqa: E402
+from stages import clip_decode, probe, split  # noqa: E402
+from stages.ffmpeg_tools import Completed  # noqa: E402
+from stages.ingest import ingest  # noqa: E402
+from stages.ray_runtime import init_ray  # noqa: E402
+
+SCENES = ("testsrc2", "mandelbrot", "smptebars", "rgbtestsrc")
+_SCRATCH = re.compile(r"(/[^ ]*?/hicom-clip-[^/]+)")
+
+
+def make_videos(folder: Path, count: int, seconds: float) -> None:
+    folder.mkdir(parents=True)
+    per_scene = seconds / len(SCENES)
+    for i in range(count):
+        inputs, labels = [], []
+        for j, source in enumerate(SCENES[i % len(SCENES):] + SCENES[:i % len(SCENES)]):
+            inputs += ["-f", "lavfi", "-t", str(per_scene), "-i", f"{source}=size=1280x720:rate=30"]
+            labels.append(f"[{j}:v]")
+        graph = "".join(labels) + f"concat=n={len(SCENES)}:v=1:a=0,format=yuv420p[v]"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, "-filter_complex", graph, "-map", "[v]",
+                        "-c:v", "libx264", "-preset", "veryfast", "-g", "60", str(folder / f"v{i:03d}.mp4")],
+                       check=True)
+
+
+def record_commands(cfg: RunConfig) -> list[list[str]]:
+    """Every FFmpeg-family command the video stages execute for this input: probe and split run for real
+    (clip planning needs their output); clip+decode's commands are recorded without being run."""
+    commands: list[list[str]] = []
+    real = clip_decode.run_tool
+
+    def run_and_record(args, timeout_s, *rest, **kw):
+        commands.append(list(args))
+        return real(args, timeout_s, *rest, **kw)
+
+    def record_only(args, timeout_s, *rest, **kw):
+        commands.append(list(args))
+        return Completed(stdout=b"", stderr="")
+
+    probe.run_tool = split.run_tool = run_and_record
+    clip_decode.run_tool = record_only
+    try:
+        for video in ingest(cfg.input).videos:
+            result = VideoResult(video_id=video.id, source=video.relpath, video=video)
+            for step, step_cfg in ((probe.apply, cfg.probe), (split.apply, cfg.split), (clip_decode.apply, cfg.clip)):
+                if not result.failed:
+                    result = step(result, step_cfg)
+    finally:
+        probe.run_tool = split.run_tool = clip_decode.run_tool = real
+    return commands
+
+
+def floor_seconds(commands: list[list[str]], workers: int, scratch: Path) -> float:
+    """Wall time of the recorded commands under `xargs -P workers`, each with its own scratch folder."""
+    lines = []
+    for i, args in enumerate(commands):
+        line = shlex.join(args)
+        match = _SCRATCH.search(line)
+        if match:
+            fresh = scratch / f"c{i}"
+            line = f"mkdir -p {shlex.quote(str(fresh))} && " + line.replace(match.group(1), str(fresh))
+        lines.append(line + " >/dev/null 2>&1")
+    scratch.mkdir(parents=True, exist_ok=True)
+    script = scratch / "commands.txt"
+    script.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    subprocess.run(["xargs", "-P", str(workers), "-d", "\n", "-n", "1", "sh", "-c"], stdin=script.open(), check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each generated video")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--clip-s", type=float, default=2.0)
+    parser.add_argument("--input", help="a folder of real videos to use instead of generated ones")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="hicom-e2e-"))
+    try:
+        videos = Path(args.input) if args.input else work / "videos"
+        if not args.input:
+            make_videos(videos, args.videos, args.seconds)
+        cfg = RunConfig.model_validate({
+            "input": {"path": str(videos)}, "split": {"mode": "fixed", "window_s": args.clip_s,
+                                                      "stride_s": args.clip_s},
+            "ray": {"num_cpus": args.workers}})
+        commands = record_commands(cfg)
+        floor = floor_seconds(commands, args.workers, work / "floor")
+        start = time.perf_counter()
+        init_ray(num_cpus=args.workers)
+        ray_start = time.perf_counter() - start
+        cpu_before = time.process_time()
+        report = build(cfg, work / "run", progress=False)
+        driver_cpu = time.process_time() - cpu_before
+        clips = report.counts["clips"]
+        print(f"videos {report.inputs_videos}, clips {clips}, FFmpeg commands {len(commands)}, workers {args.workers}")
+        print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s")
+        print(f"hicom build (Ray already started): {report.seconds:.1f} s; Ray start-up: {ray_start:.1f} s")
+        print(f"ratio floor / build: {floor / report.seconds:.2f} (goal >= 0.9)")
+        print(f"driver CPU: {driver_cpu:.2f} s = {driver_cpu / max(clips, 1) * 1e3:.2f} ms per committed clip "
+              "(goal <= 1 ms)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

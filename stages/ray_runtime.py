@@ -1,0 +1,83 @@
+"""One way to start or join Ray, for builds, compaction and (later) training.
+
+A local Ray is started with nothing reaching outside this machine: `address="local"` (never attach to another
+cluster running on the machine), node IP 127.0.0.1, no dashboard, usage stats off (so no cloud metadata
+look-up). Ray 2.60's GCS and raylet still listen on all interfaces; `tests/stages/test_ray_runtime.py` checks
+that no connection leaves the machine. Ray's own log lines go to
+the run's log file instead of the terminal, which shows the project's progress display only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+VIDEO_WORKER = "video_worker"  # custom resource of the nodes that run FFmpeg (ray_cluster.yaml: cpu_video)
+# Requested per video task: only a placement label (CPU does the counting), so a node offers it once.
+VIDEO_WORKER_REQUEST = 0.001
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+def video_task_resources() -> dict:
+    """Ray options every FFmpeg stage adds: run only on nodes that offer `video_worker`."""
+    return {"resources": {VIDEO_WORKER: VIDEO_WORKER_REQUEST}}
+
+
+def route_ray_logs(log_file: str | Path | None) -> None:
+    """Send Ray's loggers to `log_file` (or nowhere but warnings) instead of the terminal."""
+    handlers: list[logging.Handler] = []
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(handler)
+    for name in _RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)  # Ray Data logs DEBUG by default: too much even for a log file
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars and start-up banners off: the build shows one display of its own."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
+
+
+def _has_auth_token() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: str | Path | None = None,
+             video_worker: bool = True) -> None:
+    """Join the cluster at `address` ("auto", "ray://host:10001", "10.0.0.1:6379"), or start a private local
+    Ray (`num_cpus`, default all) that reaches nothing outside this machine. A local node
+    offers the `video_worker` resource (one per CPU) so the video stages place as on a cluster."""
+    import ray
+    import ray.data  # noqa: F401  (configures its loggers on import: route them after)
+
+    route_ray_logs(log_file)
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
+              "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Read by the processes Ray spawns: no usage report and no cloud metadata look-up at start.
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        cpus = num_cpus or os.cpu_count() or 1
+        resources = {VIDEO_WORKER: float(cpus)} if video_worker else {}
+        ray.init(address="local", num_cpus=cpus, resources=resources, _node_ip_address="127.0.0.1", **kwargs)
+    quiet_ray_data()
+    log.info("ray: %s", "joined " + address if address else "private local Ray (no dashboard, usage stats off)")
