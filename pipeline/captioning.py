@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas import caption_reasons, reasons as video_reasons
+from schemas import reasons as video_reasons
 from schemas.caption import CaptionActorsConfig, CaptioningConfig
 from schemas.config import RunConfig
 from schemas.records import VideoResult

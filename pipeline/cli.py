@@ -135,8 +135,12 @@ def cmd_stats(args) -> int:
 
 
 def _has_recipe(run_dir: str) -> bool:
-    config = Path(run_dir) / "config.yaml"
-    return config.is_file() and bool((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("recipe"))
+    import yaml
+
+    from stages.storage import Storage
+
+    run = Storage.from_uri(run_dir)
+    return run.exists("config.yaml") and bool((yaml.safe_load(run.read_text("config.yaml")) or {}).get("recipe"))
 
 
 def cmd_export(args) -> int:
