@@ -84,8 +84,15 @@ def part_index(path: str) -> int:
 
 
 def committed_tars(shards_dir: Path) -> list[str]:
-    """Complete shards in commit order (a tar exists only once it is complete)."""
-    return sorted((str(p) for p in Path(shards_dir).glob("shard-*.tar")), key=part_index)
+    """Complete shards in commit order. In a run directory (markers beside the tars) the project's one
+    committed-parts reader decides, so workers' `part-*` parts count and superseded parts never do; a plain
+    folder of `shard-*.tar` (no markers) is read as it is."""
+    shards_dir = Path(shards_dir)
+    if any(shards_dir.glob("*.stats.json")):
+        from pipeline.resume import committed_tars as run_tars  # lazy: pipeline is the layer above
+
+        return run_tars(shards_dir.parent)
+    return sorted((str(p) for p in shards_dir.glob("shard-*.tar")), key=part_index)
 
 
 def resolve_source(spec: str | Path | list[str]) -> ShardSource:
@@ -139,7 +146,7 @@ def follow_tars(source: ShardSource, slot: int, stride: int, poll_s: float = 2.0
         elif source.finished():
             if tar.exists():
                 continue
-            later = [p for p in committed_tars(shards) if part_index(p) > part]
+            later = [p for p in committed_tars(shards) if (m := _PART_RE.search(p)) and int(m.group(1)) > part]
             if not later:
                 return
             logger.warning("part %d is missing in a finished run; skipping it", part)
