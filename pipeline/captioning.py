@@ -1,8 +1,9 @@
 """Captioning in a build: caption -> instruct -> filter on Ray actor pools.
 
-`captioning_session(cfg, run_dir, committed_ids)` starts the embedded server when configured, gives the Ray
-stages to append after the pairs stage (`ds.map_batches(stage, **options)`), and `session.finish(result)`
-applies the dataset-wide dedup in the driver before a video is committed. `hicom caption RUN_DIR` (a new
+`captioning_session(cfg, run_dir, committed_ids, committed_parts)` starts the embedded server when configured
+and gives the Ray stages to append after the pairs stage (`ds.map_batches(stage, **options)`): the dataset-wide
+clip dedup first (no LLM request for a duplicate), then caption, instruct, filter, and the dataset-wide
+instruction cap (`stages/dedup_ray.py`, partitioned actors: nothing in the driver). `hicom caption RUN_DIR` (a new
 annotation version over existing shards) lives in `pipeline/caption_command.py`.
 """
 from __future__ import annotations
@@ -168,7 +169,8 @@ def dataset_dedup(cap: CaptioningConfig, state_path: Path, committed_video_ids: 
 
 @dataclass
 class CaptioningSession:
-    """What `hicom build` needs for captioning: Ray stages, the driver-side dedup, usage totals."""
+    """What `hicom build` needs for captioning: Ray stages and usage totals (`dedup`: an in-process
+    `DatasetDedup` for callers that apply it themselves; the build's dedup runs in its Ray stages)."""
 
     stages: list[tuple[type, dict]] = field(default_factory=list)
     dedup: dedup.DatasetDedup | None = None
