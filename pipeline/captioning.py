@@ -1,11 +1,14 @@
 """Captioning on Ray: caption -> instruct -> filter as actor pools, for `hicom build` and `hicom caption`.
 
 `caption_stages(cfg, run_dir)` gives the stages to append to any Ray Dataset of video rows
-(`apply_stages(ds, stages)`); `captioning_session` also starts the embedded server when configured, applies
-the dataset-wide dedup in the driver (`session.finish`), stops the run at the first rejected request
-(`session.check`), and logs the usage summary. The LLM stages are async actors with a bounded queue of
-videos each (`queue_videos`): a finished video's slot takes the next one at once, so there is no batch
-barrier. Actor CPU reservations are sized from the cluster so the video stages always keep a CPU.
+(`apply_stages(ds, stages)`). `captioning_session` starts the embedded server when configured and gives the
+stages: in a build (`committed_parts` given) the dataset-wide clip dedup first (no LLM request for a
+duplicate), then caption, instruct, filter, and the dataset-wide instruction cap (`stages/dedup_ray.py`,
+partitioned actors: nothing in the driver); for `hicom caption` (clips already paid for) the in-process
+`DatasetDedup` in `session.finish`, which also stops the run at the first rejected request. The LLM stages are
+async actors with a bounded queue of videos each (`queue_videos`): a finished video's slot takes the next one at
+once, so there is no batch barrier. Actor CPU reservations are sized from the cluster so the video stages
+always keep a CPU.
 """
 from __future__ import annotations
 
@@ -236,7 +239,8 @@ def dataset_dedup(cap: CaptioningConfig, state_path: Path, committed_video_ids: 
 
 @dataclass
 class CaptioningSession:
-    """What a command needs for captioning: Ray stages, the driver-side dedup and stop check, usage."""
+    """What a command needs for captioning: Ray stages, usage totals, and for `hicom caption` the in-process
+    dedup and stop check (`finish`); the build's dedup and stop check run in its Ray stages."""
 
     stages: list[tuple[type, dict]] = field(default_factory=list)
     dedup: dedup.DatasetDedup | None = None
