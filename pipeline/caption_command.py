@@ -25,6 +25,7 @@ import yaml
 from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_session
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
+from schemas.overrides import apply_overrides, parse_set_options
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
 from stages.ray_adapter import from_row, to_row
 
@@ -176,15 +177,8 @@ def _cmd_caption(args) -> int:
     section = data.get("captioning") if "captioning" in data or not args.config else data
     if not section:
         raise ValueError("no `captioning:` section in the config")
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        node = section
-        *parents, leaf = key.strip().removeprefix("captioning.").split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
+    overrides = {key.removeprefix("captioning."): value for key, value in parse_set_options(args.set).items()}
+    section = apply_overrides(section, overrides)
     report = run_caption(run_dir, CaptioningConfig.model_validate(section), args.version,
                          progress=not args.no_progress)
     print(json.dumps(report, indent=1))

@@ -10,7 +10,6 @@ import json
 import logging
 from pathlib import Path
 
-import yaml
 
 log = logging.getLogger("hicom.train")
 
@@ -49,14 +48,10 @@ def cmd_train(args) -> int:
     from pydantic import ValidationError
 
     from model.training.actor import TrainerDied, run_training
+    from schemas.overrides import parse_set_options
     from schemas.train import load_train_config
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_set_options(args.set)
     for flag in ("shards", "address", "output_dir", "num_workers", "max_steps"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag)

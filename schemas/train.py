@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.overrides import apply_overrides
+
 
 class TrainConfig(BaseModel):
     """One training run. Paths may be local or on shared storage (multi-node needs shared storage)."""
@@ -106,11 +108,10 @@ class TrainConfig(BaseModel):
 
 
 def load_train_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML train config (defaults when `path` is None) and apply top-level key overrides."""
+    """Read a YAML train config (defaults when `path` is None) and apply `--set` overrides (dotted keys)."""
     data: dict = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    data.update({k: v for k, v in (overrides or {}).items()})
-    return TrainConfig.model_validate(data)
+    return TrainConfig.model_validate(apply_overrides(data, overrides))
