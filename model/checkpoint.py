@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from stages.storage import open_atomic, write_atomic
+
 logger = logging.getLogger(__name__)
 
 RELEASE_PREFIX = "model.mm_projector."
@@ -63,27 +65,20 @@ def save_mm_projector(state: dict[str, torch.Tensor], path: str, prefix: str = R
         dtype: optional cast (the release trained in bfloat16).
     """
     out = {prefix + k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(out, tmp)
-    os.replace(tmp, path)
+    with open_atomic(path) as f:
+        torch.save(out, f)
 
 
 def save_compressor_checkpoint(model, directory: str, extra: dict[str, Any] | None = None) -> None:
     """Save the trainable part of a HicomForConditionalPretraining: safetensors + mm_projector.bin +
     config.json (with `extra`, e.g. the step, merged under "extra")."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    os.makedirs(directory, exist_ok=True)
     state = model.mm_projector_state_dict()
-    tmp = os.path.join(directory, "compressor.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, os.path.join(directory, "compressor.safetensors"))
+    write_atomic(os.path.join(directory, "compressor.safetensors"), save({k: v.contiguous() for k, v in state.items()}))
     save_mm_projector(state, os.path.join(directory, "mm_projector.bin"))
     meta = {"config": model.config.to_dict(), "extra": extra or {}}
-    with open(os.path.join(directory, "config.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(directory, "config.json.tmp"), os.path.join(directory, "config.json"))
+    write_atomic(os.path.join(directory, "config.json"), json.dumps(meta, indent=2))
 
 
 def load_checkpoint_config(directory: str):

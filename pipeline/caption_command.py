@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import time
 from collections import Counter, defaultdict
@@ -28,6 +27,7 @@ from schemas.config import RunConfig
 from schemas.overrides import apply_overrides, parse_set_options
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
 from stages.ray_adapter import from_row, to_row
+from stages.storage import open_atomic, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ def read_videos(tars: list[Path]):
 
 
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    os.replace(tmp, path)
+    with open_atomic(path) as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
 
 
 def _load_captioning(run_dir: Path, cfg: RunConfig | CaptioningConfig | None) -> CaptioningConfig:
@@ -92,9 +91,7 @@ def _commit_part(out: Path, name: str, version: str, results: list[VideoResult])
              "num_pairs": sum(len(s.pairs) for s in samples), "num_failures": len(failures),
              "failures_by_reason": dict(Counter(f.reason for f in failures)),
              "video_ids": [r.video_id for r in results]}
-    tmp = out / f"{name}.stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=1), encoding="utf-8")
-    os.replace(tmp, out / f"{name}.stats.json")
+    write_atomic(out / f"{name}.stats.json", json.dumps(stats, indent=1))
     return stats
 
 

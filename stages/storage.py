@@ -245,6 +245,17 @@ class Storage:
         self.write_bytes(rel, text.encode("utf-8"))
 
 
+def open_atomic(path: str | os.PathLike) -> contextlib.AbstractContextManager[BinaryIO]:
+    """One local file by the one durability rule (temp name, fsync, rename, folder fsync): complete or absent.
+    For files that are not under a run's `Storage` (caches, checkpoints, logs of state)."""
+    return Storage._open_write_local(Path(path))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    with open_atomic(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
 def _join_source(source: str, rel: str) -> str:
     """`source` (a path or URI, possibly with a query) with `rel` appended to its path."""
     if not is_uri(source) or source.startswith("file://"):

@@ -14,6 +14,7 @@ on resume, lines after the checkpoint's step are dropped so the logs match the s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.storage import write_atomic
 
 from ..checkpoint import save_compressor_checkpoint
 
@@ -139,9 +142,7 @@ class StepLog:
     def truncate(self, step: int) -> None:
         """Keep only records with step <= `step` (what the resumed checkpoint covers); rewrite the CSV."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.csv_path is not None:
             self._write_csv(kept)
 
@@ -158,10 +159,9 @@ class StepLog:
                 writer.writerow(record)
 
     def _write_csv(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if records:
-                writer = csv.DictWriter(f, fieldnames=list(records[0]), extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(records)
-        os.replace(tmp, self.csv_path)
+        text = io.StringIO(newline="")
+        if records:
+            writer = csv.DictWriter(text, fieldnames=list(records[0]), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+        write_atomic(self.csv_path, text.getvalue())

@@ -6,11 +6,11 @@ Each actor writes its `Usage` per stage to a JSON file after every call; the dri
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stages.storage import write_atomic
 
 
 @dataclass
@@ -70,11 +70,7 @@ def summary_line(stage: str, usage: dict) -> str:
 
 def write_usage(path: str | Path, usages: dict[str, Usage]) -> None:
     """Write this process's usage per stage atomically (rewritten after each call)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps({stage: u.to_dict() for stage, u in usages.items()}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({stage: u.to_dict() for stage, u in usages.items()}, indent=1))
 
 
 def read_usage(folder: str | Path) -> dict[str, dict]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
+
+from stages.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,7 @@ class ResponseCache:
 
     def put(self, key: str, value: dict) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(value, ensure_ascii=False))
 
     def __contains__(self, key: str) -> bool:
         return self._path(key).exists()
