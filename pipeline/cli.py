@@ -75,6 +75,7 @@ def _remove_if_empty_run(run_dir: Path, created: Path) -> None:
 def _build_with(args, overrides: dict, out: str | None) -> int:
     """Shared by build and rebuild: config + --set + --address, then a (resumable) build."""
     from pipeline.build import build
+    from pipeline.captioning import CaptioningStopped
     from schemas.config import load_run_config
 
     overrides = {**parse_set_options(args.set), **overrides}
@@ -91,8 +92,9 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     _setup_logging(None if args.dry_run else local_dir, args.verbose)
     try:
         report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
-    except Exception:
-        if created is not None:
+    except Exception as exc:
+        # A start error leaves nothing behind; a run stopped by its endpoint keeps its log and manifest.
+        if created is not None and not isinstance(exc, CaptioningStopped):
             _remove_if_empty_run(local_dir, created)
         raise
     _print_build(report, args.dry_run)

@@ -153,7 +153,7 @@ def test_rejected_endpoint_stops_with_exit_2_and_commits_nothing(manifest, tmp_p
         assert committed_files(run) == []  # no shard, index, failure file or stats marker
         assert json.loads((run / "manifest.json").read_text())["status"] != "finished"
         log = (run / "logs" / "hicom.log").read_text()
-        assert f"HTTP {status}" in log and stub.base_url in log and "nothing of this batch" in log.lower()
+        assert f"HTTP {status}" in log and stub.base_url in log and "were not committed" in log.lower()
         assert stub.total <= 2  # max_concurrency 2: the first answers stop the client
         if status == "401":  # the right key: a rerun does the work, nothing was skipped
             stub.mode = "ok"
