@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_test_video, shard_contents
+from conftest import REPO, make_test_video, shard_contents
 from pipeline.stats import connect
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -56,7 +56,9 @@ def _stop_node(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def two_node_cluster(tmp_path):
     # One shared token for every process, as in production; never auth disabled.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           # the nodes' workers import test fault hooks from `tests` (not an installed package)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
     address = f"127.0.0.1:{port}"

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import make_test_video, shard_contents
+from conftest import REPO, make_test_video, shard_contents
 from pipeline.build import RunStorageError, build
 from pipeline.resume import committed_parts
 from schemas.config import RunConfig
@@ -80,8 +80,10 @@ def _compact_script(run, kill_on: str | None) -> str:
 
 
 def _run(script: str, timeout_s: float = 300) -> int:
+    # Ray workers import the fault hooks from `tests`, which is not an installed package: they inherit this path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout_s,
-                          start_new_session=True)
+                          start_new_session=True, env=env)
     return proc.returncode
 
 
