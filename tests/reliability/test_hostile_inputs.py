@@ -112,7 +112,7 @@ def test_hostile_annotations(tmp_path, ray_local):
                         "nofield": reasons.BAD_ANNOTATION, "badconv": reasons.BAD_ANNOTATION,
                         "qa.jsonl:6": reasons.BAD_ANNOTATION, "url": reasons.UNSUPPORTED_URL}
     assert [r[0] for r in con.execute("SELECT sample_id FROM pairs").fetchall()] == ["good"]
-    inputs = ["good", "rel", "abs", "nofield", "badconv", "qa.jsonl:5", "url"]
+    inputs = ["good", "rel", "abs", "nofield", "badconv", "qa.jsonl:6", "url"]
     records = Counter([i for (i,) in con.execute("SELECT item_id FROM failures").fetchall()]
                       + [i for (i,) in con.execute("SELECT DISTINCT sample_id FROM pairs").fetchall()])
     lost = sum(1 for i in inputs if records[i] == 0)

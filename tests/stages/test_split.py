@@ -111,11 +111,13 @@ def test_manifest_rows_each_end_as_a_clip_or_a_failure(scene_video, tmp_path):
     manifest.write_text("path,start_s,end_s,caption\nscenes.mp4,0,3,one\nscenes.mp4,3,8,two\n"
                         "scenes.mp4,6,2,bad\nscenes.mp4,0,3,one again\n")
     ingested = ingest_manifest(InputConfig(path=str(manifest), hash_files=False), manifest)
-    assert ingested.failures == [] and len(ingested.videos) == 1
+    # the repeated span (line 5) is reported by ingest; lines 2-4 reach split, keyed by their line number
+    assert [(f.item_id, f.reason) for f in ingested.failures] == [("m.csv:5", "duplicate_span")]
+    assert len(ingested.videos) == 1
     video = probe_video(ingested.videos[0], ProbeConfig())
     spans, failures = split_video(video, SplitConfig(mode="scene", min_clip_s=1.0, max_clip_s=10.0))
     rows = {s.row for s in spans} | {int(f.item_id.removeprefix("row")) for f in failures}
-    assert rows == {0, 1, 2, 3}
+    assert rows == {2, 3, 4} and [f.reason for f in failures] == ["span_end_before_start"]
     assert [(s.start_s, s.end_s, s.caption) for s in spans] == [
         (0.0, 3.0, "one"), (3.0, 5.0, "two"), (5.0, pytest.approx(8.0), "two")]
 
