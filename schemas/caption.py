@@ -258,7 +258,9 @@ class CaptioningConfig(_Config):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     embedded_server: EmbeddedServerConfig = Field(default_factory=EmbeddedServerConfig)
     actors: CaptionActorsConfig = Field(default_factory=CaptionActorsConfig)
-    keep_source_caption_pair: bool = True  # the manifest caption pair stays beside the generated pairs
+    # The clip's caption pair ("Describe the video in detail." + the manifest's caption or the VLM's step-1
+    # caption) stays beside the generated pairs; the recipe keeps only the generated pairs.
+    keep_source_caption_pair: bool = True
     cache_dir: str | None = None  # response cache; None: <run_dir>/cache/llm
     cache_responses: bool = True  # off: every run pays again (benchmarks, endpoints whose answers must be fresh)
 

@@ -225,7 +225,7 @@ async def instruct_clip(sample: ShardSample, video_id: str, title: str, cfg: Ins
     samples = [s for s in sample.samples if not s.id.startswith(prefix)]
     pairs = [p for p in sample.pairs if not p.sample_id.startswith(prefix)]
     if not keep_source_caption_pair:
-        dropped = {p.sample_id for p in pairs if p.source == "manifest" and p.kind == "caption"}
+        dropped = {p.sample_id for p in pairs if p.kind == "caption"}  # the manifest's or the VLM's caption
         samples = [s for s in samples if s.id not in dropped]
         pairs = [p for p in pairs if p.sample_id not in dropped]
     update = {"samples": samples + [s for s, _ in made], "pairs": pairs + [p for _, p in made]}
