@@ -105,9 +105,9 @@ def test_duplicates_cost_no_llm_request(reencoded, sample_dir, stub, tmp_path, r
         "actors": {"filter_actor_cpus": 0.25, "llm_actor_cpus": 0.25, "llm_actors": 1, "filter_actors": 1}})
     cfg = RunConfig(captioning=cap)
 
-    def captioned(video_id, frames):
+    def captioned(video_id, frames, caption="A large white rabbit stands in a green meadow under the trees."):
         result = result_with(video_id, frames)
-        result.samples[0].clip.caption = "A large white rabbit stands in a green meadow under the trees."
+        result.samples[0].clip.caption = caption
         return result
 
     def run(results, parts):
@@ -120,7 +120,7 @@ def test_duplicates_cost_no_llm_request(reencoded, sample_dir, stub, tmp_path, r
     first = run([captioned("v1", original)], [])
     assert stub.total == 1 and first[0].samples
     PartWriter(Storage.from_uri(tmp_path), signature_frames=cap.filter.clip_hash_frames).write("part-0001", first)
-    second = run([captioned("v2", copy), captioned("v3", other)], ["part-0001"])
+    second = run([captioned("v2", copy), captioned("v3", other, "Two cyclists ride along a dirt path past tall trees.")], ["part-0001"])
     assert stub.total == 2  # one request for the new clip, none for the re-encoded duplicate
     assert not second[0].samples
     assert [(f.stage, f.reason) for f in second[0].failures] == [("dedup", "duplicate_clip")]
