@@ -196,8 +196,8 @@ def caption_stages(cfg: RunConfig, run_dir: str | Path, base_url: str | None = N
            "compute": ray.data.ActorPoolStrategy(size=a.llm_actors, max_tasks_in_flight_per_actor=a.queue_videos,
                                                  max_concurrent_calls_per_actor=a.queue_videos)}
     return [(CaptionStage, llm), (InstructStage, llm),
-            (FilterStage, {**common, "batch_size": a.batch_videos, "concurrency": a.filter_actors,
-                           "num_cpus": filter_cpus})]
+            (FilterStage, {**common, "batch_size": a.batch_videos, "num_cpus": filter_cpus,
+                           "compute": ray.data.ActorPoolStrategy(size=a.filter_actors)})]
 
 
 def apply_stages(ds, stages: list[tuple[type, dict]]):
