@@ -64,6 +64,14 @@ def _storage_error(run: str, detail: str) -> RunStorageError:
                            "(or fix the store) and rerun the same command to resume.")
 
 
+def _commit_failures_only(storage: Storage, name: str, results: list[VideoResult], loose=()) -> None:
+    """A part of failure rows only (no sample bytes), small enough for the driver to write itself."""
+    try:
+        PartWriter(storage).write(name, results, list(loose))
+    except OSError as exc:
+        raise _storage_error(storage.uri(), str(exc)) from exc
+
+
 def stage_pipeline(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
     """The stages in order, each with the Ray resources it declares; FFmpeg stages ask for `video_worker`."""
     video = video_task_resources()
@@ -173,11 +181,8 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     loose = [f for f in ingested.failures if f.item_id not in state.loose_failure_ids]
     report.skipped_committed = len(ingested.videos) - len(pending)
     _announce(report, len(loose), previously_deferred, pending)
-    if loose:  # failures of no video: a tiny part the driver writes itself (no sample bytes)
-        try:
-            PartWriter(storage).write(part_name_for(f.item_id for f in loose), [], loose)
-        except OSError as exc:
-            raise _storage_error(storage.uri(), str(exc)) from exc
+    if loose:  # failures of no video
+        _commit_failures_only(storage, part_name_for(f.item_id for f in loose), [], loose)
         report.new_failures += len(loose)
     local = storage.local_path()
     if pending and cfg.recipe is not None and cfg.recipe.categories is not None:
@@ -185,11 +190,8 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
             raise ValueError("recipe.categories needs a local run directory (its scoring pass writes local parquet)")
         init_ray(cfg.ray.address, cfg.ray.num_cpus, local / "logs" / "hicom.log")
         pending, rejected = select_by_category(cfg, local, ingested.videos, pending)
-        if rejected:  # failure rows only (no sample bytes): a small part the driver writes itself
-            try:
-                PartWriter(storage).write(part_name_for(r.video_id for r in rejected), rejected)
-            except OSError as exc:
-                raise _storage_error(storage.uri(), str(exc)) from exc
+        if rejected:
+            _commit_failures_only(storage, part_name_for(r.video_id for r in rejected), rejected)
             report.new_failures += sum(len(r.failures) for r in rejected)
     if pending:
         init_ray(cfg.ray.address, cfg.ray.num_cpus, local / "logs" / "hicom.log" if local else None)
