@@ -27,7 +27,7 @@ from schemas.config import RunConfig
 from schemas.overrides import apply_overrides, parse_set_options
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
 from stages.ray_adapter import from_row, to_row
-from stages.storage import open_atomic, write_atomic
+from stages.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ def read_videos(tars: list[Path]):
     return ds.groupby(["part", "video_id"]).map_groups(video_rows, batch_format="pyarrow")
 
 
-def _write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
-    with open_atomic(path) as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
-
-
 def _load_captioning(run_dir: Path, cfg: RunConfig | CaptioningConfig | None) -> CaptioningConfig:
     if isinstance(cfg, CaptioningConfig):
         return cfg
@@ -81,17 +76,18 @@ def _load_captioning(run_dir: Path, cfg: RunConfig | CaptioningConfig | None) ->
 
 
 def _commit_part(out: Path, name: str, version: str, results: list[VideoResult]) -> dict:
-    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, failure_row, pair_rows
+    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, failure_row, pair_rows, write_table
 
     samples = [s for r in results for s in r.samples]
     failures = [f for r in results for f in r.failures]
-    _write_table(out / f"{name}.pairs.parquet", [row for s in samples for row in pair_rows(s, name)], PAIR_SCHEMA)
-    _write_table(out / f"{name}.failures.parquet", [failure_row(f, name) for f in failures], FAILURE_SCHEMA)
+    folder = Storage.from_uri(out)
+    write_table(folder, f"{name}.pairs.parquet", [row for s in samples for row in pair_rows(s, name)], PAIR_SCHEMA)
+    write_table(folder, f"{name}.failures.parquet", [failure_row(f, name) for f in failures], FAILURE_SCHEMA)
     stats = {"shard": name, "version": version, "committed_at": time.time(), "num_clips": len(samples),
              "num_pairs": sum(len(s.pairs) for s in samples), "num_failures": len(failures),
              "failures_by_reason": dict(Counter(f.reason for f in failures)),
              "video_ids": [r.video_id for r in results]}
-    write_atomic(out / f"{name}.stats.json", json.dumps(stats, indent=1))
+    folder.write_text(f"{name}.stats.json", json.dumps(stats, indent=1))
     return stats
 
 
