@@ -77,6 +77,7 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     from pipeline.build import build
     from pipeline.captioning import CaptioningStopped
     from schemas.config import load_run_config
+    from stages.ray_runtime import native_stderr_to
 
     overrides = {**parse_set_options(args.set), **overrides}
     if args.address:
@@ -90,8 +91,10 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     created = (next((p for p in reversed([local_dir, *local_dir.parents]) if not p.exists()), None)
                if local_dir is not None else None)
     _setup_logging(None if args.dry_run else local_dir, args.verbose)
+    log_file = local_dir / "logs" / "hicom.log" if local_dir is not None and not args.dry_run else None
     try:
-        report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
+        with native_stderr_to(log_file):  # Ray's C++ lines to the run's log, not between the progress lines
+            report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     except Exception as exc:
         # A start error leaves nothing behind; a run stopped by its endpoint keeps its log and manifest.
         if created is not None and not isinstance(exc, CaptioningStopped):

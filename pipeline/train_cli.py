@@ -62,8 +62,11 @@ def cmd_train(args) -> int:
     except ValidationError as exc:
         raise ValueError(f"{args.config}: " + "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())) from None
+    from stages.ray_runtime import native_stderr_to
+
     try:
-        summary = run_training(cfg, progress=not args.no_progress)
+        with native_stderr_to(cfg.log_path):
+            summary = run_training(cfg, progress=not args.no_progress)
     except TrainerDied as exc:
         log.error("%s", exc)
         return 3

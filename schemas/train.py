@@ -103,6 +103,11 @@ class TrainConfig(BaseModel):
         return Path(self.metrics_jsonl) if self.metrics_jsonl else Path(self.output_dir) / "metrics.jsonl"
 
     @property
+    def log_path(self) -> Path:
+        """Ray's own log lines (Python loggers and the driver's native stderr) go here, not to the terminal."""
+        return Path(self.output_dir) / "logs" / "hicom.log"
+
+    @property
     def metrics_csv_path(self) -> Path:
         return Path(self.metrics_csv) if self.metrics_csv else Path(self.output_dir) / "metrics.csv"
 

@@ -4,12 +4,15 @@ A local Ray is started with nothing reaching outside this machine: `address="loc
 cluster running on the machine), node IP 127.0.0.1, no dashboard, usage stats off (so no cloud metadata
 look-up). Ray 2.60's GCS and raylet still listen on all interfaces; `tests/stages/test_ray_runtime.py` checks
 that no connection leaves the machine. Ray's own log lines go to
-the run's log file instead of the terminal, which shows the project's progress display only.
+the run's log file instead of the terminal, which shows the project's progress display only: its Python loggers
+by `route_ray_logs`, and what its C++ core writes to the driver's stderr by `native_stderr_to` (the CLI's).
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ def route_ray_logs(log_file: str | Path | None) -> None:
         logger = logging.getLogger(name)
         for old in list(logger.handlers):
             logger.removeHandler(old)
+            old.close()
         for handler in handlers:
             logger.addHandler(handler)
         logger.propagate = False
@@ -69,6 +73,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
     route_ray_logs(log_file)
     if ray.is_initialized():
         return
+    # ray.init(configure_logging=False) clears the "ray" logger's handlers first thing, so what Ray logs during
+    # its start (e.g. "Token authentication is enabled ...") would reach logging.lastResort, i.e. the terminal:
+    # during the start the last resort is the log file, and the handlers are routed again after.
+    last_resort = logging.lastResort
+    if log_file is not None:
+        logging.lastResort = logging.getLogger("ray").handlers[0]
+    try:
+        _start(ray, address, num_cpus, video_worker)
+    finally:
+        logging.lastResort = last_resort
+    route_ray_logs(log_file)
+    quiet_ray_data()
+    log.info("ray: %s", "joined " + address if address else "private local Ray (no dashboard, usage stats off)")
+
+
+def _start(ray, address: str | None, num_cpus: int | None, video_worker: bool) -> None:
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
               "configure_logging": False}
     if address:
@@ -79,5 +99,49 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         cpus = num_cpus or os.cpu_count() or 1
         resources = {VIDEO_WORKER: float(cpus)} if video_worker else {}
         ray.init(address="local", num_cpus=cpus, resources=resources, _node_ip_address="127.0.0.1", **kwargs)
-    quiet_ray_data()
-    log.info("ray: %s", "joined " + address if address else "private local Ray (no dashboard, usage stats off)")
+
+
+@contextmanager
+def native_stderr_to(log_file: str | Path | None):
+    """While inside, what is written to file descriptor 2 below Python goes to `log_file`, and `sys.stderr`
+    (logging, the progress display) stays on the terminal. Ray's C++ core worker in the driver copies its
+    ERROR lines to fd 2 besides its own log file (e.g. "Actor ... has constructor arguments in the object
+    store", which every Ray Data actor pool triggers: Ray Data puts the UDF in the object store and restarts
+    actors by default), and no Ray option moves them. A Ray started inside is shut down before leaving, so
+    its exit lines land in the file too. A no-op without `log_file` or when `sys.stderr` is not fd 2 (a
+    test's capture)."""
+    try:
+        redirect = log_file is not None and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        redirect = False
+    if not redirect:
+        yield
+        return
+    import ray
+
+    was_running = ray.is_initialized()
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    old = sys.stderr
+    old.flush()
+    terminal = open(os.dup(2), "w", buffering=1, encoding=old.encoding or "utf-8", errors="backslashreplace")
+    moved = [h for h in logging.getLogger().handlers
+             if type(h) is logging.StreamHandler and h.stream is old]  # FileHandler is a StreamHandler too
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = terminal
+    for handler in moved:
+        handler.setStream(terminal)
+    try:
+        yield
+    finally:
+        try:
+            if not was_running and ray.is_initialized():
+                ray.shutdown()
+        finally:
+            terminal.flush()
+            os.dup2(terminal.fileno(), 2)
+            sys.stderr = old
+            for handler in moved:
+                handler.setStream(old)
+            terminal.close()

@@ -101,7 +101,7 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
 
 def start(cfg: TrainConfig):
     """Start training on Ray without waiting; returns (a callable that blocks for the summary, a ready check)."""
-    init_ray(cfg.address, cfg.num_cpus, video_worker=False)  # the project's one Ray start (stages/ray_runtime)
+    init_ray(cfg.address, cfg.num_cpus, cfg.log_path, video_worker=False)  # the project's one Ray start
     cfg = _absolute(cfg)
     gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpu()
     config = cfg.model_dump(mode="json")

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -124,3 +126,31 @@ def test_folder_run_without_pairs_says_so_in_export_and_plots(tmp_path):
     assert "no instruction/answer pairs" in proc.stderr
     proc = hicom("stats", str(run), "--plot", str(tmp_path / "plots"))
     assert "plot answer_chars: no data" in proc.stderr and (tmp_path / "plots" / "answer_chars.png").stat().st_size
+
+
+# Lines Ray prints by itself (Python loggers, its C++ core worker, Ray Data's progress) that a build's terminal
+# must not show; each went to the run's log once it was routed there.
+RAY_NOISE = ("Token authentication", "object store", "core_worker", "Truncating", "deprecated", "Map(",
+             "Running Dataset", "ray.data", "ray._private", "logging_progress", "new progress UI")
+PROJECT_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) (hicom|pipeline|stages)[.\w]*: "
+
+
+def test_build_terminal_shows_only_the_projects_lines(tmp_path, stub):
+    """A captioned build (actor pools, the case that makes Ray's core worker log an ERROR line) with stderr
+    captured (not a TTY): every stderr line is one of the project's log lines; Ray's are in the run's log."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_test_video(videos / "a.mp4", seconds=2.0, size="160x120")
+    (tmp_path / "manifest.csv").write_text("path,caption\nvideos/a.mp4,A colourful test pattern with a counter.\n")
+    run = tmp_path / "run"
+    proc = hicom("build", "configs/demo.yaml", "--input", str(tmp_path / "manifest.csv"), "--out", str(run),
+                 "--set", "captioning.embedded_server.enabled=false", "--set", "clip.num_frames=4",
+                 "--set", f"captioning.instruct.endpoint.base_url={stub.base_url}")
+    lines = proc.stderr.splitlines()
+    assert lines and not [line for line in lines if any(noise in line for noise in RAY_NOISE)], proc.stderr
+    assert all(re.match(PROJECT_LINE, line) for line in lines), proc.stderr
+    assert any("hicom.progress: build: videos 1/1" in line for line in lines)
+    log_text = (run / "logs" / "hicom.log").read_text()
+    assert "constructor arguments in the object store" in log_text  # Ray's C++ line: routed, not lost
+    if "RAY_AUTH_MODE" not in os.environ:
+        assert "Token authentication is enabled" in log_text
