@@ -198,24 +198,26 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
         if cfg.ray.address:
             _check_placement(cfg)
         display = BuildProgress(len(pending), enabled=progress)
-        with captioning_session(cfg, report.run_dir, state.video_ids, committed_parts=state.parts) as captioning:
-            for receipt in run_stages_on_ray(cfg, storage, pending, captioning.stages):
-                if receipt.storage_error:
-                    raise _storage_error(storage.uri(), receipt.storage_error)
-                if receipt.stop_reason:  # an endpoint rejected a request: the video was not committed
-                    raise CaptioningStopped(
-                        f"stopped: {receipt.stop_reason}. Videos with rejected requests were not committed; fix "
-                        "the endpoint settings and rerun the same command")
-                display.update(receipt)
-                report.deferred += receipt.deferred
-                report.processed_videos += receipt.num_videos
-                report.new_clips += receipt.num_clips
-                report.new_failures += receipt.num_failures
-                if receipt.part:
-                    report.parts.append(receipt.part)
-                    report.writer_nodes.add(receipt.writer_node_id or "")
-            report.llm_usage = captioning.usage()
-        display.close()
+        try:  # the display's periodic line stops with the build, whichever way it ends
+            with captioning_session(cfg, report.run_dir, state.video_ids, committed_parts=state.parts) as captioning:
+                for receipt in run_stages_on_ray(cfg, storage, pending, captioning.stages):
+                    if receipt.storage_error:
+                        raise _storage_error(storage.uri(), receipt.storage_error)
+                    if receipt.stop_reason:  # an endpoint rejected a request: the video was not committed
+                        raise CaptioningStopped(
+                            f"stopped: {receipt.stop_reason}. Videos with rejected requests were not committed; fix "
+                            "the endpoint settings and rerun the same command")
+                    display.update(receipt)
+                    report.deferred += receipt.deferred
+                    report.processed_videos += receipt.num_videos
+                    report.new_clips += receipt.num_clips
+                    report.new_failures += receipt.num_failures
+                    if receipt.part:
+                        report.parts.append(receipt.part)
+                        report.writer_nodes.add(receipt.writer_node_id or "")
+                report.llm_usage = captioning.usage()
+        finally:
+            display.close()
     if cfg.shard.compact:  # also compacts parts a killed run committed
         try:
             compact(storage, cfg.shard, lambda st, groups: compact_on_ray(cfg, st, groups))

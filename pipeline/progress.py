@@ -1,13 +1,15 @@
 """The build's one progress display: live counts from the workers' receipts.
 
 On a terminal: one tqdm bar over videos with clips, pairs, failures (by the project's stage names) and parts
-committed, plus tqdm's ETA. Elsewhere (CI, `nohup`, a pipe): one plain line every `interval_s` seconds and a
-last one at the end, so logs stay readable.
+committed, plus tqdm's ETA, redrawn every second so its clock moves between receipts. Elsewhere (CI, `nohup`,
+a pipe): one plain line every `interval_s` seconds while the build runs, receipts or not, and a last one at the
+end, so logs stay readable and a long wait for the first part is not silence.
 """
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -16,17 +18,25 @@ from tqdm import tqdm
 from schemas.index import PartReceipt
 
 log = logging.getLogger("hicom.progress")
+TTY_REFRESH_S = 1.0  # the bar's clock and ETA move this often between receipts
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _eta(done: int, total: int, elapsed_s: float) -> str:
     if not done or done >= total:
         return "-"
-    seconds = int(elapsed_s / done * (total - done))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return _clock(elapsed_s / done * (total - done))
 
 
 class BuildProgress:
-    """Feed it receipts; it shows videos done / total, clips, pairs, failures by stage, parts, ETA."""
+    """Feed it receipts; it shows videos done / total, clips, pairs, failures by stage, parts, ETA.
+
+    A daemon thread writes the periodic line (or redraws the bar) until `close()`; receipts arrive on the
+    driver's thread, so counts are read and written under one lock."""
 
     def __init__(self, total_videos: int, enabled: bool = True, interval_s: float = 10.0, stream=None):
         self.total = total_videos
@@ -36,37 +46,59 @@ class BuildProgress:
         self.counts: Counter = Counter()
         self.failed_by_stage: Counter = Counter()
         self.started = time.monotonic()
-        self._last_line = self.started
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = tqdm(total=total_videos, desc="build", unit="video", file=self.stream, dynamic_ncols=True,
                         disable=not tty) if tty else None
+        self._ticker = None
+        if enabled:
+            period = TTY_REFRESH_S if self.bar is not None else interval_s
+            self._ticker = threading.Thread(target=self._tick, args=(period,), name="build-progress", daemon=True)
+            self._ticker.start()
 
     def summary(self) -> str:
-        c = self.counts
-        failed = ", ".join(f"{stage} {n}" for stage, n in sorted(self.failed_by_stage.items()))
+        with self._lock:
+            c = self.counts.copy()
+            failed = ", ".join(f"{stage} {n}" for stage, n in sorted(self.failed_by_stage.items()))
         return (f"videos {c['videos']}/{self.total}, clips {c['clips']}, pairs {c['pairs']}, "
                 f"failures {c['failures']}{f' ({failed})' if failed else ''}, deferred {c['deferred']}, "
                 f"parts committed {c['parts']}")
 
     def update(self, receipt: PartReceipt) -> None:
         done = receipt.num_videos + len(receipt.deferred)
-        self.counts.update(videos=done, clips=receipt.num_clips, pairs=receipt.num_pairs,
-                           failures=receipt.num_failures, deferred=len(receipt.deferred),
-                           parts=1 if receipt.part else 0)
-        self.failed_by_stage.update(receipt.failed_by_stage)
-        if self.bar is not None:
-            c = self.counts
-            self.bar.update(done)
-            self.bar.set_postfix_str(f"clips={c['clips']} pairs={c['pairs']} failures={c['failures']} "
-                                     f"parts={c['parts']}", refresh=False)
-            return
-        now = time.monotonic()
-        if self.enabled and now - self._last_line >= self.interval_s:
-            self._last_line = now
-            log.info("build: %s, ETA %s", self.summary(),
-                     _eta(self.counts["videos"], self.total, now - self.started))
+        with self._lock:
+            self.counts.update(videos=done, clips=receipt.num_clips, pairs=receipt.num_pairs,
+                               failures=receipt.num_failures, deferred=len(receipt.deferred),
+                               parts=1 if receipt.part else 0)
+            self.failed_by_stage.update(receipt.failed_by_stage)
+            if self.bar is not None:
+                c = self.counts
+                self.bar.set_postfix_str(f"clips={c['clips']} pairs={c['pairs']} failures={c['failures']} "
+                                         f"parts={c['parts']}", refresh=False)
+                self.bar.update(done)
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self.started
+        with self._lock:
+            videos = self.counts["videos"]
+        log.info("build: %s, %s elapsed, ETA %s", self.summary(), _clock(elapsed), _eta(videos, self.total, elapsed))
+
+    def _tick(self, period: float) -> None:
+        while not self._stop.wait(period):
+            if self.bar is not None:
+                with self._lock:
+                    self.bar.refresh()
+            else:
+                self._line()
 
     def close(self) -> None:
+        """Stop the periodic line (or bar) and write the last one. Safe to call twice."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         if self.bar is not None:
             self.bar.close()
         if self.enabled:

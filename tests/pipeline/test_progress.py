@@ -1,5 +1,7 @@
 import io
 import logging
+import re
+import time
 
 from pipeline.progress import BuildProgress
 from schemas.index import PartReceipt
@@ -12,19 +14,36 @@ def test_non_tty_progress_is_one_line_per_interval_with_live_counts(caplog):
     with caplog.at_level(logging.INFO, logger="hicom.progress"):
         display = BuildProgress(10, interval_s=3600, stream=stream)
         display.update(receipt)
-        display.update(receipt)  # within the interval: no line
-        display.interval_s = 0
-        display.update(PartReceipt(deferred=["v9"]))
+        display.update(receipt)
+        display.update(PartReceipt(deferred=["v9"]))  # receipts alone write no line
         display.close()
+        display.close()  # twice: still one last line
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and stream.getvalue() == ""
-    assert "videos 5/10, clips 12, pairs 18, failures 2 (probe 2), deferred 1, parts committed 2, ETA" in lines[0]
-    assert lines[1].startswith("build: videos 5/10")
+    assert len(lines) == 1 and stream.getvalue() == ""
+    assert lines[0].startswith("build: videos 5/10, clips 12, pairs 18, failures 2 (probe 2), deferred 1, "
+                               "parts committed 2 in ")
+
+
+def test_non_tty_lines_come_every_interval_without_receipts_and_stop_at_close(caplog):
+    with caplog.at_level(logging.INFO, logger="hicom.progress"):
+        display = BuildProgress(4, interval_s=0.05, stream=io.StringIO())
+        time.sleep(0.5)  # no receipt at all: a long first part must not be silence
+        display.update(PartReceipt(part="part-1", num_videos=1, num_clips=3))
+        time.sleep(0.2)
+        display.close()
+        closed = len(caplog.records)
+        time.sleep(0.3)
+    lines = [r.getMessage() for r in caplog.records]
+    periodic = [line for line in lines if "elapsed, ETA" in line]
+    assert len(periodic) >= 4 and periodic[0].startswith("build: videos 0/4, clips 0")
+    assert any(re.match(r"build: videos 1/4, clips 3, .* \d+m\d\ds elapsed, ETA \d+m\d\ds$", line) for line in periodic)
+    assert len(lines) == closed and " in " in lines[-1] and "elapsed" not in lines[-1]  # nothing after close
 
 
 def test_disabled_progress_prints_nothing(caplog):
     with caplog.at_level(logging.INFO, logger="hicom.progress"):
-        display = BuildProgress(1, enabled=False, interval_s=0)
+        display = BuildProgress(1, enabled=False, interval_s=0.01)
         display.update(PartReceipt(part="p", num_videos=1))
+        time.sleep(0.05)
         display.close()
     assert not caplog.records
