@@ -3,13 +3,15 @@
 The original HICom training code reads `[{"id", "video", "conversations"}]` with `video` relative to a clip
 root; this writes that JSON and the clips under `<OUT>_clips/` (or a given folder) next to it. The run, the
 JSON and the clip folder may each be local or on an object store (`s3://...`); tars are streamed through
-`stages.storage`, and every file is written with its atomic-write rule.
+`stages.storage`, and every file is written with its atomic-write rule. An export that fails partway leaves
+nothing visible: the JSON is written last, and the clips it wrote (and the local folders it made) are removed.
 """
 from __future__ import annotations
 
 import json
 import logging
 import posixpath
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,9 +43,18 @@ def _split(path: str | Path) -> tuple[Storage, str]:
     return Storage.from_uri(folder), name
 
 
+def _new_folder(storage: Storage) -> Path | None:
+    """The topmost local folder of `storage` that does not exist yet (what writing into it would create)."""
+    local = storage.local_path()
+    if local is None:
+        return None
+    return next((p for p in reversed([local, *local.parents]) if not p.exists()), None)
+
+
 def export_llava(run_dir: str | Path | Storage, out_json: str | Path, clip_root: str | Path | None = None,
                  progress: bool = True) -> dict:
-    """Write the LLaVA JSON and one mp4 per clip; returns counts. Clips without an mp4 are skipped."""
+    """Write the LLaVA JSON and one mp4 per clip; returns counts. Clips without an mp4 are skipped.
+    Raises RuntimeError (one line) if the export fails partway, after removing what it wrote."""
     run = as_storage(run_dir)
     json_dir, json_name = _split(out_json)
     if clip_root is None:
@@ -52,7 +63,32 @@ def export_llava(run_dir: str | Path | Storage, out_json: str | Path, clip_root:
     tars = committed_tars(run)
     if not tars:
         raise FileNotFoundError(f"no committed shards under {run.uri(SHARDS_DIR)}")
-    entries, clips, skipped = [], 0, 0
+    created = {p for p in (_new_folder(clips_dir), _new_folder(json_dir)) if p is not None}
+    before = set(clips_dir.list())  # an earlier export's clips: rewritten with the same bytes, never removed
+    written: list[str] = []
+    try:
+        counts = _export(run, tars, json_dir, json_name, clips_dir, written, progress)
+    except BaseException as exc:
+        for relative in written:
+            if relative not in before:
+                clips_dir.delete(relative)
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(exc, Exception):  # Ctrl-C: cleaned up, then as it was
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise RuntimeError(f"export-llava stopped after {len(written)} clips ({type(exc).__name__}: {detail}); "
+                           f"the clips it wrote are removed and {json_dir.uri(json_name)} was not written: fix "
+                           "the cause and run it again") from exc
+    if counts["skipped_no_mp4"]:
+        log.warning("%d clips have no mp4 (clip.write_mp4 was off) and were not exported", counts["skipped_no_mp4"])
+    return counts
+
+
+def _export(run: Storage, tars: list[str], json_dir: Storage, json_name: str, clips_dir: Storage,
+            written: list[str], progress: bool) -> dict:
+    """The export itself; `written` collects each clip file as it is written, for the caller's clean-up."""
+    entries, skipped = [], 0
     for sample in tqdm(iter_samples(run, tars), desc="export", unit="clip", disable=not progress):
         meta = json.loads(sample["json"])
         if "mp4" not in sample:
@@ -60,10 +96,8 @@ def export_llava(run_dir: str | Path | Storage, out_json: str | Path, clip_root:
             continue
         relative = f"{meta['id']}.mp4"
         clips_dir.write_bytes(relative, sample["mp4"])
-        clips += 1
+        written.append(relative)
         for s in meta["samples"]:
             entries.append({"id": s["id"], "video": relative, "conversations": s["conversations"]})
-    json_dir.write_text(json_name, json.dumps(entries, ensure_ascii=False, indent=1))
-    if skipped:
-        log.warning("%d clips have no mp4 (clip.write_mp4 was off) and were not exported", skipped)
-    return {"samples": len(entries), "clips": clips, "skipped_no_mp4": skipped, "clip_root": clips_dir.uri()}
+    json_dir.write_text(json_name, json.dumps(entries, ensure_ascii=False, indent=1))  # last: the export's marker
+    return {"samples": len(entries), "clips": len(written), "skipped_no_mp4": skipped, "clip_root": clips_dir.uri()}

@@ -82,3 +82,37 @@ def test_export_llava_streams_committed_tars(run, tmp_path):
     for entry in entries:
         clip = tmp_path / "out" / "train_clips" / entry["video"]
         assert clip.read_bytes() == b"mp4-" + entry["video"][:-4].encode()
+
+
+def test_export_llava_failing_partway_leaves_nothing_and_says_so_in_one_line(run, tmp_path, monkeypatch):
+    earlier = tmp_path / "kept" / "train_clips"
+    earlier.mkdir(parents=True)
+    (earlier / "unrelated.mp4").write_bytes(b"an earlier export's clip")
+    calls = []
+    real = Storage.write_bytes
+
+    def second_clip_fails(self, rel, data):
+        calls.append(rel)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(self, rel, data)
+
+    monkeypatch.setattr(Storage, "write_bytes", second_clip_fails)
+    for out in (tmp_path / "out" / "deeper" / "train.json", tmp_path / "kept" / "train.json"):
+        calls.clear()
+        with pytest.raises(RuntimeError) as err:
+            export_llava(run, out, progress=False)
+        message = str(err.value)
+        assert "\n" not in message and "stopped after 1 clips" in message and "No space left" in message
+    assert not (tmp_path / "out").exists()  # the folders it made are gone with what it wrote in them
+    assert [p.name for p in (tmp_path / "kept").rglob("*")] == ["train_clips", "unrelated.mp4"]
+
+    monkeypatch.setattr(Storage, "write_bytes", real)
+    from pipeline.cli import main
+
+    def reading_fails(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("pipeline.export._export", reading_fails)  # the CLI: exit 2, one line, nothing left
+    assert main(["export-llava", run.uri(), str(tmp_path / "out" / "train.json"), "--no-progress"]) == 2
+    assert not (tmp_path / "out").exists()
