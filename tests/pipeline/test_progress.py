@@ -40,6 +40,24 @@ def test_non_tty_lines_come_every_interval_without_receipts_and_stop_at_close(ca
     assert len(lines) == closed and " in " in lines[-1] and "elapsed" not in lines[-1]  # nothing after close
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_tty_bar_clock_moves_without_receipts_and_stops_at_close(monkeypatch):
+    monkeypatch.setattr("pipeline.progress.TTY_REFRESH_S", 0.05)
+    stream = _Terminal()
+    display = BuildProgress(4, stream=stream)
+    time.sleep(0.4)  # no receipt: the bar is redrawn anyway
+    assert stream.getvalue().count("\r") >= 4 and "0/4" in stream.getvalue()
+    display.update(PartReceipt(part="part-1", num_videos=1, num_clips=3))
+    display.close()
+    drawn = stream.getvalue()
+    time.sleep(0.2)
+    assert stream.getvalue() == drawn and "1/4" in drawn and "clips=3" in drawn
+
+
 def test_disabled_progress_prints_nothing(caplog):
     with caplog.at_level(logging.INFO, logger="hicom.progress"):
         display = BuildProgress(1, enabled=False, interval_s=0.01)
