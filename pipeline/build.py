@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.captioning import CaptioningStopped, captioning_session
+from pipeline.captioning import captioning_session, endpoint_stopped
 from pipeline.category_select import select_by_category
 from pipeline.compact import compact, compact_group
 from pipeline.progress import BuildProgress
@@ -204,9 +204,7 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
                     if receipt.storage_error:
                         raise _storage_error(storage.uri(), receipt.storage_error)
                     if receipt.stop_reason:  # an endpoint rejected a request: the video was not committed
-                        raise CaptioningStopped(
-                            f"stopped: {receipt.stop_reason}. Videos with rejected requests were not committed; fix "
-                            "the endpoint settings and rerun the same command")
+                        raise endpoint_stopped(receipt.stop_reason)
                     display.update(receipt)
                     report.deferred += receipt.deferred
                     report.processed_videos += receipt.num_videos

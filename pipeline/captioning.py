@@ -43,6 +43,12 @@ class CaptioningStopped(RuntimeError):
     """An endpoint rejected a request (401/403/404): the run stops, nothing of the batch is committed."""
 
 
+def endpoint_stopped(detail: str) -> CaptioningStopped:
+    """The error every command raises when an endpoint rejected a request (`detail`: which and how)."""
+    return CaptioningStopped(f"stopped: {detail}. Videos with rejected requests were not committed; fix the "
+                             "endpoint settings and rerun the same command")
+
+
 def cache_dir(cap: CaptioningConfig, run_dir: str | Path) -> Path:
     return Path(cap.cache_dir) if cap.cache_dir else Path(run_dir) / "cache" / "llm"
 
@@ -212,8 +218,7 @@ def check(result: VideoResult) -> None:
     one of its requests."""
     detail = stop_reason(result)  # stages/ray_adapter: the build's commit stage asks the same
     if detail is not None:
-        raise CaptioningStopped(f"stopped before committing {result.video_id}: {detail}. Nothing of this batch "
-                                "was committed; fix the endpoint settings and rerun the same command")
+        raise endpoint_stopped(detail)
 
 
 def deferred_message(n_videos: int, usage: dict) -> str:
