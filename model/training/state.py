@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from stages.storage import write_atomic
+from stages.storage import commit_dir, write_atomic
 
 from ..checkpoint import save_compressor_checkpoint
 
@@ -91,10 +90,7 @@ def save_checkpoint(root: str | Path, model, optimizer, scheduler, state: dict[s
     save_compressor_checkpoint(model, str(tmp), extra={"step": state["step"], "epoch": state["epoch"]})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    commit_dir(tmp, final)
     for old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -111,12 +107,6 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict[str, 
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
 
 
 # --- step-keyed logs --------------------------------------------------------------------------------------

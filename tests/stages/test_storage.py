@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 
-from stages.storage import Storage, StorageError, redact
+from stages.storage import Storage, StorageError, commit_dir, redact
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_endpoint, s3_bucket  # noqa: F401
 
 
@@ -47,6 +47,18 @@ def test_object_is_invisible_until_clean_exit_and_absent_after_an_error(storage)
         f.write(b"replacement that fails")
         raise RuntimeError("boom")
     assert storage.read_bytes("shards/x.tar") == b"half and the rest"  # the committed object is untouched
+
+
+def test_commit_dir_replaces_the_final_folder_whole(tmp_path):
+    final = tmp_path / "step-00000002"
+    final.mkdir()
+    (final / "old.bin").write_bytes(b"old")
+    tmp = tmp_path / "step-00000002.tmp"
+    (tmp / "nested").mkdir(parents=True)
+    (tmp / "weights.bin").write_bytes(b"new")
+    (tmp / "nested" / "state.json").write_text("{}")
+    assert commit_dir(tmp, final) == final
+    assert not tmp.exists() and sorted(p.name for p in final.rglob("*")) == ["nested", "state.json", "weights.bin"]
 
 
 def test_uri_local_path_and_pickling(storage, tmp_path):
