@@ -51,9 +51,11 @@ class Span(_Record):
     start_s: float
     end_s: float | None = None  # None: to the end of the video
     caption: str | None = None
-    row: int | None = None  # the manifest row it came from (failure rows are keyed by it)
     samples: list[AnnotationSample] = Field(default_factory=list)
     row: int | None = None  # the manifest/annotation row it came from (1-based line), None for directories
+    # Its failure rows' key, the same one ingest uses for its row (`stages.ingest.entries.row_item_id`):
+    # `m.csv:7`, or `m.csv:7.2` for the third span of a Panda-70M row; None for directories.
+    item_id: str | None = None
 
 
 class ProbeInfo(_Record):

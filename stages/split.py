@@ -87,15 +87,12 @@ class CheckedSpans:
 
 
 def span_items(video: VideoRecord, index: int) -> list[str]:
-    """What a span's failure rows are keyed by: its annotation samples, else its manifest row (`row7`, or
-    `row7.2` for the third span of a Panda-70M row), else its position."""
+    """What a span's failure rows are keyed by: its annotation samples, else its input row as ingest keys it
+    (`m.csv:7`, or `m.csv:7.2` for the third span of a Panda-70M row), else its position."""
     span = video.spans[index]
     if span.samples:
         return [s.id for s in span.samples]
-    if span.row is None:
-        return [f"{video.id}#span{index}"]
-    same_row = [i for i, s in enumerate(video.spans) if s.row == span.row]
-    return [f"row{span.row}" if len(same_row) == 1 else f"row{span.row}.{same_row.index(index)}"]
+    return [span.item_id or f"{video.id}#span{index}"]
 
 
 def check_spans(video: VideoRecord, duration: float) -> CheckedSpans:

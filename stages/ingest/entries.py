@@ -35,6 +35,12 @@ class Entry:
         return (self.row or 0, self.order)
 
 
+def row_item_id(file_name: str, row: int, span: int | None = None) -> str:
+    """The one key of an input row in failure rows, whichever stage fails it: `m.csv:7` (file and 1-based
+    line), `m.csv:7.2` for the third span of a row that lists several (Panda-70M)."""
+    return f"{file_name}:{row}" if span is None else f"{file_name}:{row}.{span}"
+
+
 def failure(item_id: str, reason: str, detail: str, source: str = "") -> Failure:
     return Failure(item_id=item_id, stage=STAGE, reason=reason, detail=detail, source=printable(source))
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from schemas import reasons
 from schemas.records import AnnotationSample, Failure, Span
-from stages.ingest.entries import Entry, failure
+from stages.ingest.entries import Entry, failure, row_item_id
 from stages.ingest.manifest import RawRow, read_rows
 
 
@@ -40,7 +40,7 @@ def read_samples(f: BinaryIO, name: str) -> Iterator[RawRow]:
 
 def entries_from_sample(file_name: str, raw: RawRow) -> list[Entry] | list[Failure]:
     """The one entry of a sample (a whole-file span carrying it), or its failure."""
-    fallback_id = f"{file_name}:{raw.row}" if raw.row else file_name
+    fallback_id = row_item_id(file_name, raw.row) if raw.row else file_name
     entry = raw.record
     if entry is None:
         return [failure(fallback_id, reasons.BAD_ANNOTATION, raw.error or "unreadable sample", file_name)]
@@ -53,5 +53,5 @@ def entries_from_sample(file_name: str, raw: RawRow) -> list[Entry] | list[Failu
             raise ValueError("conversations must start with a human turn")
     except (ValueError, KeyError, TypeError, ValidationError) as exc:
         return [failure(item_id, reasons.BAD_ANNOTATION, str(exc).splitlines()[0])]
-    span = Span(start_s=0.0, end_s=None, samples=[sample], row=raw.row)
+    span = Span(start_s=0.0, end_s=None, samples=[sample], row=raw.row, item_id=item_id)
     return [Entry(entry["video"], item_id, raw.row, 0, span, {})]

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from schemas import reasons
 from schemas.config import InputConfig
 from schemas.records import Failure, Span
-from stages.ingest.entries import Entry, failure
+from stages.ingest.entries import Entry, failure, row_item_id
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _BATCH_ROWS = 4096
@@ -130,7 +130,7 @@ def spans_from_row(cfg: InputConfig, row: dict, line: int) -> list[Span]:
 
 def entries_from_row(cfg: InputConfig, file_name: str, raw: RawRow) -> list[Entry] | list[Failure]:
     """The entries of one manifest row (one per span, or one whole-file entry), or its failure."""
-    item_id = f"{file_name}:{raw.row}"
+    item_id = row_item_id(file_name, raw.row)
     if raw.record is None:
         return [failure(item_id, reasons.MALFORMED_ROW, raw.error or "unreadable row", file_name)]
     row = raw.record
@@ -148,4 +148,8 @@ def entries_from_row(cfg: InputConfig, file_name: str, raw: RawRow) -> list[Entr
     metadata = {k: str(v) for k, v in row.items() if v is not None and k not in skip}
     if not spans:
         return [Entry(given, item_id, raw.row, 0, None, metadata)]
-    return [Entry(given, item_id, raw.row, i, span, metadata) for i, span in enumerate(spans)]
+    if len(spans) > 1:  # each span of the row is its own item
+        spans = [span.model_copy(update={"item_id": row_item_id(file_name, raw.row, i)}) for i, span in enumerate(spans)]
+    else:
+        spans = [spans[0].model_copy(update={"item_id": item_id})]
+    return [Entry(given, span.item_id, raw.row, i, span, metadata) for i, span in enumerate(spans)]

@@ -82,24 +82,37 @@ def test_fixed_split_inside_spans_and_no_clip_outside_them(scene_video):
 
 def test_invalid_and_duplicate_spans_are_failure_rows_keyed_by_row(scene_video):
     video = _with_spans(_probed(scene_video), [
-        Span(start_s=0.0, end_s=3.0, caption="ok", row=0), Span(start_s=5.0, end_s=2.0, caption="x", row=1),
-        Span(start_s=-1.0, end_s=2.0, row=2), Span(start_s=9.0, end_s=12.0, row=3),
-        Span(start_s=2.0, end_s=30.0, row=4), Span(start_s=0.0, end_s=3.0, caption="ok again", row=5),
-        Span(start_s=5.0, end_s=5.3, row=6)])
+        Span(start_s=0.0, end_s=3.0, caption="ok", row=0, item_id="m.csv:0"),
+        Span(start_s=5.0, end_s=2.0, caption="x", row=1, item_id="m.csv:1"),
+        Span(start_s=-1.0, end_s=2.0, row=2, item_id="m.csv:2"), Span(start_s=9.0, end_s=12.0, row=3, item_id="m.csv:3"),
+        Span(start_s=2.0, end_s=30.0, row=4, item_id="m.csv:4"),
+        Span(start_s=0.0, end_s=3.0, caption="ok again", row=5, item_id="m.csv:5"),
+        Span(start_s=5.0, end_s=5.3, row=6, item_id="m.csv:6")])
     spans, failures = split_video(video, SplitConfig(mode="scene", min_clip_s=1.0, max_clip_s=10.0))
     assert [(s.start_s, s.end_s, s.row) for s in spans] == [(0.0, 3.0, 0)]
     assert sorted((f.item_id, f.reason) for f in failures) == [
-        ("row1", reasons.SPAN_END_BEFORE_START), ("row2", reasons.SPAN_NEGATIVE), ("row3", reasons.SPAN_OUT_OF_RANGE),
-        ("row4", reasons.SPAN_OUT_OF_RANGE), ("row5", reasons.DUPLICATE_SPAN), ("row6", reasons.NO_CLIPS)]
+        ("m.csv:1", reasons.SPAN_END_BEFORE_START), ("m.csv:2", reasons.SPAN_NEGATIVE),
+        ("m.csv:3", reasons.SPAN_OUT_OF_RANGE), ("m.csv:4", reasons.SPAN_OUT_OF_RANGE),
+        ("m.csv:5", reasons.DUPLICATE_SPAN), ("m.csv:6", reasons.NO_CLIPS)]
     result = split.apply(VideoResult(video_id="v", video=video), SplitConfig(mode="scene"))
     assert not result.failed and len(result.failures) == 6  # span failures never fail the video
 
 
-def test_panda_style_row_with_several_spans_keys_each_span(scene_video):
-    video = _with_spans(_probed(scene_video), [Span(start_s=0.0, end_s=3.0, row=7), Span(start_s=3.0, end_s=1.0, row=7)])
+def test_panda_style_row_with_several_spans_keys_each_span(scene_video, tmp_path):
+    """Split keys a span's failure as ingest keys its row: one key format for a manifest row everywhere."""
+    from schemas.config import InputConfig
+    from stages.ingest import ingest_manifest
+
+    shutil.copy(scene_video, tmp_path / "scenes.mp4")
+    manifest = tmp_path / "p.csv"
+    manifest.write_text('path,timestamp\nscenes.mp4,"[[\'0:00:00.000\', \'0:00:03.000\'], '
+                        '[\'0:00:03.000\', \'0:00:01.000\']]"\n')
+    ingested = ingest_manifest(InputConfig(path=str(manifest), hash_files=False), manifest)
+    assert [s.item_id for s in ingested.videos[0].spans] == ["p.csv:2.0", "p.csv:2.1"]
+    video = probe_video(ingested.videos[0], ProbeConfig())
     spans, failures = split_video(video, SplitConfig(mode="fixed", window_s=4, stride_s=4, min_clip_s=1))
     assert [(s.start_s, s.end_s) for s in spans] == [(0.0, 3.0)]
-    assert [(f.item_id, f.reason) for f in failures] == [("row7.1", reasons.SPAN_END_BEFORE_START)]
+    assert [(f.item_id, f.reason) for f in failures] == [("p.csv:2.1", reasons.SPAN_END_BEFORE_START)]
 
 
 def test_manifest_rows_each_end_as_a_clip_or_a_failure(scene_video, tmp_path):
@@ -116,7 +129,7 @@ def test_manifest_rows_each_end_as_a_clip_or_a_failure(scene_video, tmp_path):
     assert len(ingested.videos) == 1
     video = probe_video(ingested.videos[0], ProbeConfig())
     spans, failures = split_video(video, SplitConfig(mode="scene", min_clip_s=1.0, max_clip_s=10.0))
-    rows = {s.row for s in spans} | {int(f.item_id.removeprefix("row")) for f in failures}
+    rows = {s.row for s in spans} | {int(f.item_id.removeprefix("m.csv:")) for f in failures}
     assert rows == {2, 3, 4} and [f.reason for f in failures] == ["span_end_before_start"]
     assert [(s.start_s, s.end_s, s.caption) for s in spans] == [
         (0.0, 3.0, "one"), (3.0, 5.0, "two"), (5.0, pytest.approx(8.0), "two")]
