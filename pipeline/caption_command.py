@@ -25,6 +25,7 @@ from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_sessio
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
 from schemas.overrides import apply_overrides, parse_set_options
+from schemas.saved_config import check_unchanged
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
 from stages.ray_adapter import from_row, to_row
 from stages.storage import Storage
@@ -139,13 +140,10 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
 def _check_version_config(path: Path, cap: CaptioningConfig) -> None:
     """An annotation version is made with one captioning config (execution-only sections may change)."""
     resolved = cap.model_dump(mode="json")
-    execution_only = {"actors", "embedded_server", "cache_dir"}
     if path.exists():
-        previous = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        changed = sorted(k for k in resolved if k not in execution_only and previous.get(k) != resolved[k])
-        if changed:
-            raise ValueError(f"{path.parent} was made with a different captioning config ({', '.join(changed)}); "
-                             "use another --version")
+        check_unchanged(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, resolved,
+                        f"{path.parent} was made with a different captioning config", "use another --version",
+                        ignore=frozenset({"actors", "embedded_server", "cache_dir"}))
     path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from schemas.config import RunConfig
+from schemas.saved_config import check_unchanged
 from stages.ffmpeg_tools import ffmpeg_binary
 from stages.storage import Storage
 
@@ -19,11 +20,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
 # Sections that only change how a run executes, not what it produces: they may differ on resume.
-_EXECUTION_ONLY = {"ray", "name"}
-
-
-class ConfigMismatch(ValueError):
-    pass
+_EXECUTION_ONLY = frozenset({"ray", "name"})
 
 
 def _versions() -> dict[str, str]:
@@ -64,12 +61,9 @@ class RunDirectory:
             (local / "logs").mkdir(parents=True, exist_ok=True)
         resolved = cfg.model_dump(mode="json")
         if self.storage.exists(CONFIG_FILE):
-            previous = yaml.safe_load(self.storage.read_text(CONFIG_FILE)) or {}
-            changed = sorted(k for k in resolved if k not in _EXECUTION_ONLY and previous.get(k) != resolved[k])
-            if changed:
-                raise ConfigMismatch(
-                    f"{self.path} was built with a different config (sections: {', '.join(changed)}); "
-                    "resume with the same config or choose a new --out")
+            check_unchanged(yaml.safe_load(self.storage.read_text(CONFIG_FILE)) or {}, resolved,
+                            f"{self.path} was built with a different config", "resume with the same config or "
+                            "choose a new --out", ignore=_EXECUTION_ONLY)
         self.storage.write_text(CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
         manifest = self.read_manifest()
         manifest.update({"name": cfg.name, "status": "running", "started_at": time.time(),

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from schemas.saved_config import check_unchanged
 from schemas.train import TrainConfig
 
 from ..config import CompressorConfig
@@ -159,13 +160,10 @@ class Trainer:
 
     def _resume(self, ckpt: Path) -> None:
         saved = json.loads((ckpt / "trainer_state.json").read_text())
-        wrong = {k: (saved.get(k), v) for k, v in self._data_settings().items() if saved.get(k) != v}
-        if wrong:
-            raise ValueError(f"{ckpt} was written with other data settings {wrong} (checkpoint, config): the "
-                             "data position would not match; use the same settings or a new checkpoint_dir")
-        if "lr_groups" in saved and saved["lr_groups"] != self.state["lr_groups"]:
-            raise ValueError(f"{ckpt} trained with learning rates {saved['lr_groups']}, the config asks for "
-                             f"{self.state['lr_groups']}: use the same rates or a new checkpoint_dir")
+        rates = {"lr_groups": self.state["lr_groups"]} if "lr_groups" in saved else {}  # older checkpoints: none
+        check_unchanged(saved, {**self._data_settings(), **rates}, f"{ckpt} was written with other data settings "
+                        "or learning rates", "the data position or schedule would not match; use the same "
+                        "settings or a new checkpoint_dir")
         total = saved["total_steps"]
         if not self.cfg.follow and "epoch_shards" in saved:
             self.epoch_shards = check_record(saved["epoch_shards"])

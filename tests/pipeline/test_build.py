@@ -88,3 +88,15 @@ def test_every_input_is_recorded_once_with_its_reason(tmp_path, sample_dir, ray_
     assert ok == {"good.mp4", "real.mp4"}
     clip_sources = {s for (s,) in con.execute("SELECT DISTINCT source FROM clips").fetchall()}
     assert clip_sources == ok
+
+
+def test_a_run_reopened_with_another_output_config_is_refused_naming_what_changed(tmp_path):
+    from pipeline.run_dir import RunDirectory
+    from schemas.config import ClipConfig, RayConfig
+    from schemas.saved_config import ConfigMismatch
+
+    run = RunDirectory(tmp_path / "run")
+    run.open(RunConfig())
+    run.open(RunConfig(ray=RayConfig(num_cpus=3)))  # execution only: a resume may change it
+    with pytest.raises(ConfigMismatch, match=r"different config \(clip\); resume with the same config"):
+        run.open(RunConfig(clip=ClipConfig(jpeg_qscale=5)))
