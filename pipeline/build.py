@@ -199,7 +199,7 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
             _check_placement(cfg)
         display = BuildProgress(len(pending), enabled=progress)
         try:  # the display's periodic line stops with the build, whichever way it ends
-            with captioning_session(cfg, report.run_dir, state.video_ids, committed_parts=state.parts) as captioning:
+            with captioning_session(cfg, report.run_dir, state.parts) as captioning:
                 for receipt in run_stages_on_ray(cfg, storage, pending, captioning.stages):
                     if receipt.storage_error:
                         raise _storage_error(storage.uri(), receipt.storage_error)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_session
+from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_session, check
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
 from schemas.overrides import apply_overrides, parse_set_options
@@ -110,19 +110,19 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
         leftover.unlink()
     parts = [p for p in committed_stats(run_dir) if p["num_samples"] > 0]
     committed = {p["shard"] for p in parts if (out / f"{p['shard']}.stats.json").exists()}
-    done_ids = {v for p in parts if p["shard"] in committed for v in p["video_ids"]}
     todo = [p["shard"] for p in parts if p["shard"] not in committed]
     expected = {name: set(pq.read_table(run_dir / SHARDS_DIR / f"{name}.clips.parquet",
                                         columns=["video_id"]).column("video_id").to_pylist()) for name in todo}
     counts = Counter(parts=len(parts), skipped=len(committed))
     started = time.time()
     usage: dict = {}
-    with captioning_session(run_cfg, run_dir, done_ids, out / "dedup.jsonl") as session:
+    with captioning_session(run_cfg, run_dir, sorted(committed), out.relative_to(run_dir).as_posix()) as session:
         if todo:
             ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)
             arrived: dict[str, list[VideoResult]] = defaultdict(list)
             for row in ds.iter_rows():
-                result = session.finish(from_row(row))  # stops at a rejected endpoint, before any commit
+                result = from_row(row)
+                check(result)  # stops at a rejected endpoint, before any commit
                 name = row["part"]
                 arrived[name].append(result)
                 if {r.video_id for r in arrived[name]} >= expected[name]:

@@ -2,10 +2,10 @@
 
 `caption_stages(cfg, run_dir)` gives the stages to append to any Ray Dataset of video rows
 (`apply_stages(ds, stages)`). `captioning_session` starts the embedded server when configured and gives the
-stages: in a build (`committed_parts` given) the dataset-wide clip dedup first (no LLM request for a
+stages, the same for `hicom build` and `hicom caption`: the dataset-wide clip dedup first (no LLM request for a
 duplicate), then caption, instruct, filter, and the dataset-wide instruction cap (`stages/dedup_ray.py`,
-partitioned actors: nothing in the driver); for `hicom caption` (clips already paid for) the in-process
-`DatasetDedup` in `session.finish`, which also stops the run at the first rejected request. The LLM stages are
+partitioned actors: nothing in the driver). Before committing, each command calls `check`, which stops the
+run at the first rejected request. The LLM stages are
 async actors with a bounded queue of videos each (`queue_videos`): a finished video's slot takes the next one at
 once, so there is no batch barrier. Actor CPU reservations are sized from the cluster so the video stages
 always keep a CPU.
@@ -31,7 +31,9 @@ from schemas.records import VideoResult
 from stages import caption, dedup, filter as pair_filter, instruct
 from stages.dedup_ray import dedup_stages
 from stages.llm import LLMClient, ResponseCache, read_usage, summary_line, write_usage
-from stages.ray_adapter import from_row, stop_reason, to_row
+from stages.ray_adapter import from_row, replace_state, stop_reason
+from stages.ray_runtime import init_ray
+from stages.shard import SHARDS_DIR
 
 log = logging.getLogger(__name__)
 ANNOTATIONS_DIR = "annotations"
@@ -63,12 +65,6 @@ def with_server(cap: CaptioningConfig, base_url: str | None) -> CaptioningConfig
     return cap.model_copy(update={"instruct": cap.instruct.model_copy(update={"endpoint": endpoint})})
 
 
-def _replace_state(batch: pa.Table, results: list[VideoResult]) -> pa.Table:
-    """The batch with each row's `state` replaced (other columns, e.g. a shard part name, pass through)."""
-    states = pa.array([to_row(r)["state"] for r in results], pa.binary())
-    return batch.set_column(batch.schema.get_field_index("state"), "state", states)
-
-
 class _LLMStage:
     """An async `map_batches` callable: one client per stage and actor, every video of a call concurrently,
     each guarded (an exception fails that video with internal_error, never the run)."""
@@ -97,7 +93,7 @@ class _LLMStage:
         results = await asyncio.gather(*(self.guarded(from_row(row)) for row in batch.to_pylist()))
         if self.clients:
             write_usage(self.usage_path, {name: c.usage for name, c in self.clients.items()})
-        return _replace_state(batch, list(results))
+        return replace_state(batch, list(results))
 
 
 class CaptionStage(_LLMStage):
@@ -151,7 +147,7 @@ class FilterStage:
         return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _replace_state(batch, self.run([from_row(row) for row in batch.to_pylist()]))
+        return replace_state(batch, self.run([from_row(row) for row in batch.to_pylist()]))
 
 
 def actor_cpus(actors: CaptionActorsConfig, cluster_cpus: float) -> tuple[float, float]:
@@ -174,8 +170,6 @@ def actor_cpus(actors: CaptionActorsConfig, cluster_cpus: float) -> tuple[float,
 
 def _cluster_cpus(cfg: RunConfig) -> float:
     import ray
-
-    from stages.ray_runtime import init_ray
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     return float(ray.cluster_resources().get("CPU", 0.0))
@@ -238,24 +232,12 @@ def log_usage(usage: dict) -> None:
                  "`hicom caption RUN_DIR` generates them as a new annotation version")
 
 
-def dataset_dedup(cap: CaptioningConfig, state_path: Path, committed_video_ids: set[str]):
-    return dedup.DatasetDedup(state_path, cap.filter).load(committed_video_ids)
-
-
 @dataclass
 class CaptioningSession:
-    """What a command needs for captioning: Ray stages, usage totals, and for `hicom caption` the in-process
-    dedup and stop check (`finish`); the build's dedup and stop check run in its Ray stages."""
+    """What a command needs for captioning: the Ray stages (dataset dedup included) and usage totals."""
 
     stages: list[tuple[type, dict]] = field(default_factory=list)
-    dedup: dedup.DatasetDedup | None = None
     usage_dir: Path | None = None
-
-    def finish(self, result: VideoResult) -> VideoResult:
-        """Stop on a rejected endpoint, then dataset-wide duplicates (driver side, commit order); call on
-        each result before committing it."""
-        check(result)
-        return self.dedup.apply(result) if self.dedup is not None and not result.failed else result
 
     def usage(self) -> dict:
         """Usage totals per stage (also logged)."""
@@ -265,27 +247,23 @@ class CaptioningSession:
 
 
 @contextlib.contextmanager
-def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_video_ids: set[str] = frozenset(),
-                       dedup_state: Path | None = None, committed_parts: list[str] | None = None
-                       ) -> Iterator[CaptioningSession]:
+def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_parts: list[str] = (),
+                       pairs_dir: str = SHARDS_DIR) -> Iterator[CaptioningSession]:
     """Start the embedded server if configured (stopped on exit, whatever happens) and yield the session.
-    A run without an enabled `captioning` section yields an empty session (no stages, finish = identity)."""
+    `committed_parts` (and their pairs in `pairs_dir`, relative to `run_dir`) are what the dataset-wide dedup
+    counts as already in the dataset. A run without an enabled `captioning` section yields an empty session."""
     cap = getattr(cfg, "captioning", None)
     if cap is None or not cap.enabled:
         yield CaptioningSession()
         return
     run_dir = Path(run_dir)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    before, after, dataset = [], [], None
-    if committed_parts is not None:
-        # A build: dataset-wide dedup on partitioned Ray actors, clips before any LLM call, instructions after
-        # the filter. `hicom caption` (clips already paid for) keeps the in-process dedup in `finish`.
-        before, after = dedup_stages(cap.filter, str(run_dir), list(committed_parts))
-    else:
-        dataset = dataset_dedup(cap, dedup_state or run_dir / "cache" / "dedup.jsonl", set(committed_video_ids))
+    # Dataset-wide dedup on partitioned Ray actors: clips before any LLM call, instructions after the filter.
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    before, after = dedup_stages(cap.filter, str(run_dir), list(committed_parts), pairs_dir=pairs_dir)
     with maybe_server(cap, run_dir) as base_url:
         yield CaptioningSession(stages=before + caption_stages(cfg, run_dir, base_url, stamp) + after,
-                                dedup=dataset, usage_dir=run_dir / USAGE_DIR / stamp)
+                                usage_dir=run_dir / USAGE_DIR / stamp)
 
 
 @contextlib.contextmanager

@@ -7,22 +7,18 @@ such pair: if the mean over k frames is <= T, some frame differs by <= T bits, a
 keeps at least one band intact, so banding every frame into T+1 bands (`band_keys`) never misses a pair the
 threshold accepts (banding one frame into 4 bands missed re-encodes whose few changed bits hit every band).
 
-`SignatureIndex` is that index in memory; `stages/dedup_ray.py` partitions it over Ray actors for builds.
-`DatasetDedup` is the in-process version `hicom caption` uses (state in a JSONL file).
+`SignatureIndex` is that index in memory; `stages/dedup_ray.py` partitions it over Ray actors for the dataset-wide
+dedup of every command (`hicom build`, `hicom caption`).
 """
 from __future__ import annotations
 
 import io
-import json
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from schemas import caption_reasons as reasons
 from schemas.caption import FilterConfig
 from schemas.records import Failure, ShardSample, VideoResult
-from stages.filter import drop_pair, normalize
 
 STAGE = "dedup"
 
@@ -119,73 +115,3 @@ class SignatureIndex:
     def match(self, sig: list[int]) -> tuple[str, float] | None:
         found = self.candidates(sig) if sig else []
         return found[0] if found else None
-
-
-class DatasetDedup:
-    """Dataset-wide duplicates, applied in the driver in commit order (deterministic):
-    clips whose frame hashes match an earlier committed clip, and instructions seen more than
-    `dataset_max_instruction_repeats` times. State is appended to a JSONL file (one line per video);
-    on resume only lines of committed videos are loaded, so the state matches what was committed."""
-
-    def __init__(self, state_path: str | Path, cfg: FilterConfig):
-        self.path = Path(state_path)
-        self.cfg = cfg
-        self.instruction_counts: Counter = Counter()
-        self.index = SignatureIndex(cfg.clip_hash_max_distance)
-
-    def load(self, committed_video_ids: set[str]) -> "DatasetDedup":
-        entries: dict[str, dict] = {}
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut by a kill
-                    if entry.get("video_id") in committed_video_ids:
-                        entries[entry["video_id"]] = entry  # the last line of a video wins
-        for entry in entries.values():
-            for clip_id, sig in entry.get("clips", []):
-                self.index.add(clip_id, sig)
-            self.instruction_counts.update(entry.get("instructions", []))
-        return self
-
-    def apply(self, result: VideoResult) -> VideoResult:
-        clips, instructions = [], []
-        for sample in list(result.samples):
-            sig = clip_signature(sample.frames, self.cfg.clip_hash_frames) if self.cfg.drop_duplicate_clips else []
-            match = self.index.match(sig)
-            if match and not annotated(sample):
-                drop_clip(result, sample, f"near-duplicate of {match[0]} in the dataset "
-                                          f"(mean Hamming {match[1]:.1f} bits)")
-                continue
-            clips.append([sample.clip.id, sig])
-            self.index.add(sample.clip.id, sig)
-            instructions += self._cap_instructions(result, sample)
-        self._append({"video_id": result.video_id, "clips": clips, "instructions": instructions})
-        return result
-
-    def _cap_instructions(self, result: VideoResult, sample: ShardSample) -> list[str]:
-        limit = self.cfg.dataset_max_instruction_repeats
-        counted, dropped = [], set()
-        for pair in sample.pairs:
-            if pair.source not in self.cfg.sources:
-                continue
-            key = normalize(pair.instruction)
-            if limit is not None and self.instruction_counts[key] >= limit:
-                dropped.add(pair.sample_id)
-                result.failures.append(drop_pair(pair, result.video_id, sample.clip.source, reasons.OVERUSED_INSTRUCTION,
-                                             f"seen {self.instruction_counts[key]} times in the dataset", pair.scores))
-                continue
-            self.instruction_counts[key] += 1
-            counted.append(key)
-        if dropped:
-            updated = sample.model_copy(update={"pairs": [p for p in sample.pairs if p.sample_id not in dropped],
-                                                "samples": [s for s in sample.samples if s.id not in dropped]})
-            result.samples = [updated if s is sample else s for s in result.samples]
-        return counted
-
-    def _append(self, entry: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")

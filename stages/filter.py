@@ -6,7 +6,7 @@ cos(answer, dense caption)), then the rules of `stages/pair_rules.py` run in ord
 (length, repetition, refusals, invalid content such as "not provide", talking about "the description",
 copying, language, multiple-choice form), duplicates within the clip, score thresholds. Scores go into
 `QAPair.scores` (the pairs index `scores` map) so users can re-filter with SQL. Clip near-duplicates and
-dataset-wide instruction caps live in `stages/dedup.py`.
+dataset-wide instruction caps live in `stages/dedup.py` and `stages/dedup_ray.py`.
 """
 from __future__ import annotations
 

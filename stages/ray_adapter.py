@@ -32,6 +32,13 @@ def from_row(row: dict) -> VideoResult:
     return pickle.loads(row["state"])
 
 
+def replace_state(batch: pa.Table, results: list[VideoResult]) -> pa.Table:
+    """A `map_batches` output: `batch` with each row's `state` replaced by `results` (in row order); other
+    columns (a shard part name) pass through."""
+    states = pa.array([to_row(r)["state"] for r in results], pa.binary())
+    return batch.set_column(batch.schema.get_field_index("state"), "state", states)
+
+
 class RayStage:
     """A `Dataset.map` callable running one record-level stage; an exception fails the video, not the run."""
 

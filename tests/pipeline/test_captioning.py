@@ -51,7 +51,8 @@ def test_no_captioning_section_adds_nothing(tmp_path):
     cfg = RunConfig()
     assert cap_pipeline.caption_stages(cfg, tmp_path) == []
     with cap_pipeline.captioning_session(cfg, tmp_path) as session:
-        assert session.stages == [] and session.finish(videos()[0]).samples
+        assert session.stages == [] and session.usage() == {}
+    cap_pipeline.check(videos()[0])  # no rejected request: nothing to stop
 
 
 def test_stage_options_declare_actor_pools(stub, tmp_path):
@@ -86,11 +87,11 @@ def test_stages_run_on_ray_actor_pools(stub, tmp_path, ray_local):
     ray = ray_local
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     cfg = RunConfig(captioning=captioning(stub))
-    with cap_pipeline.captioning_session(cfg, tmp_path, set()) as session:
+    with cap_pipeline.captioning_session(cfg, tmp_path) as session:
         ds = ray.data.from_items([to_row(r) for r in videos()], override_num_blocks=3)
         for stage, options in session.stages:
             ds = ds.map_batches(stage, **options)
-        results = [session.finish(from_row(row)) for row in ds.iter_rows()]
+        results = [from_row(row) for row in ds.iter_rows()]
         usage = session.usage()
     assert [r.video_id for r in results] == ["v0", "v1", "v2"]
     assert stub.total == 4  # one request per captioned clip

@@ -111,7 +111,7 @@ def test_duplicates_cost_no_llm_request(reencoded, sample_dir, stub, tmp_path, r
         return result
 
     def run(results, parts):
-        with cap_pipeline.captioning_session(cfg, tmp_path, set(), committed_parts=parts) as session:
+        with cap_pipeline.captioning_session(cfg, tmp_path, parts) as session:
             ds = ray_local.data.from_items([to_row(r) for r in results])
             for stage, options in session.stages:
                 ds = ds.map_batches(stage, **options)

@@ -163,26 +163,45 @@ def test_frame_hash_distances():
     assert dedup.signature_distance(a, b) > CFG.clip_hash_max_distance
 
 
-def test_dataset_dedup_caps_instructions_and_drops_repeated_clips(tmp_path):
-    cfg = FilterConfig(dataset_max_instruction_repeats=2)
-    state = tmp_path / "dedup.jsonl"
-    dataset = dedup.DatasetDedup(state, cfg).load(set())
-    results = []
-    for v in range(3):
-        r = with_pairs([pair("What does the man throw into the waves?", "He throws a stick into the waves.")])
-        r = r.model_copy(update={"video_id": f"v{v}"})
-        r.samples[0] = r.samples[0].model_copy(update={"frames": [jpeg(100 + v * 10 + k) for k in range(4)]})
-        results.append(dataset.apply(r))
+def test_dataset_dedup_of_an_annotation_version_caps_instructions_drops_repeated_clips_and_resumes(tmp_path,
+                                                                                                  ray_local):
+    """`hicom caption` runs the build's Ray dedup stages; its committed state is the version's own parts."""
+    from stages import dedup_ray
+    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, PartWriter, failure_row, pair_rows, write_table
+    from stages.storage import Storage
+
+    cfg, version, question = FilterConfig(dataset_max_instruction_repeats=2), "annotations/v1", "What does the man throw?"
+
+    def video(v: int):
+        result = make_result(f"v{v}", [CAPTION], frame_seed=v)
+        sample = result.samples[0]
+        asked = pair(question, "He throws a stick into the waves.").model_copy(
+            update={"sample_id": f"{sample.clip.id}-v1-q0"})
+        result.samples[0] = sample.model_copy(update={"pairs": sample.pairs + [asked]})
+        return result
+
+    def dedup_all(results, actors):
+        return dedup_ray._instruction_cap(dedup_ray._clip_dedup(results, cfg, actors), cfg, actors)
+
+    actors = dedup_ray.start_partitions(cfg, str(tmp_path), [], 2, pairs_dir=version)
+    results = dedup_all([video(0), video(1), video(2)], actors)
     assert [f.reason for f in results[2].failures] == [reasons.OVERUSED_INSTRUCTION]
     assert not results[0].failures and not results[1].failures
     copy = make_result("v3", ["The same footage again."])
     copy.samples[0] = copy.samples[0].model_copy(update={"frames": list(results[0].samples[0].frames)})
-    copied = dataset.apply(copy)
+    copied = dedup_all([copy], actors)[0]
     assert not copied.samples and copied.failures[0].reason == reasons.DUPLICATE_CLIP
-    # resume: only committed videos count; v1 was never committed, so its instruction count is not restored
-    resumed = dedup.DatasetDedup(state, cfg).load({"v0", "v2"})
-    assert resumed.instruction_counts[pair_filter.normalize("What does the man throw into the waves?")] == 1
-    again = with_pairs([pair("What does the man throw into the waves?", "He throws a stick.")])
-    again = again.model_copy(update={"video_id": "v4"})
-    again.samples[0] = again.samples[0].model_copy(update={"frames": [jpeg(900 + k) for k in range(4)]})
-    assert not resumed.apply(again).failures
+    # resume: v0 and v2 committed (v1 never was), and v7, whose clip the version dropped as a duplicate
+    run, committed, dropped = Storage.from_uri(tmp_path), [results[0], results[2]], video(7)
+    PartWriter(run, signature_frames=cfg.clip_hash_frames).write("part-a", [*committed, dropped])
+    dedup.drop_clip(dropped, dropped.samples[0], "near-duplicate")
+    write_table(run, f"{version}/part-a.pairs.parquet",
+                [row for r in committed for s in r.samples for row in pair_rows(s, "part-a")], PAIR_SCHEMA)
+    write_table(run, f"{version}/part-a.failures.parquet",
+                [failure_row(f, "part-a") for r in [*committed, dropped] for f in r.failures], FAILURE_SCHEMA)
+    resumed = dedup_ray.start_partitions(cfg, str(tmp_path), ["part-a"], 3, pairs_dir=version)
+    again = dedup_all([video(4), video(5)], resumed)  # v0's one committed instruction counts: v4 is the second
+    assert not again[0].failures and [f.reason for f in again[1].failures] == [reasons.OVERUSED_INSTRUCTION]
+    v8 = make_result("v8", ["The footage of v7 again."])
+    v8.samples[0] = v8.samples[0].model_copy(update={"frames": list(video(7).samples[0].frames)})
+    assert dedup_all([v8], resumed)[0].samples  # a clip the version dropped is not in its index
