@@ -146,7 +146,7 @@ def run_ours(planned, workers: int, out: Path) -> dict:
 def bare_command(video, span, out: Path) -> list[str]:
     """What a person would write for one clip: seek, cut, two outputs (scaled mp4 + the sampled frames)."""
     times = frames_in_span(video.probe.frame_times_s, span.start_s, span.end_s)
-    picks = sorted(set(release_frame_indices(len(times), CLIP.num_frames)))
+    picks = sorted(set(release_frame_indices(len(times), CLIP.frames_per_clip)))
     side, size = CLIP.mp4_max_side_px, CLIP.frame_size_px
     graph = (f"[0:v:0]split=2[a][b];[a]scale='if(gte(iw,ih),min({side},iw),-2)':'if(gte(iw,ih),-2,min({side},ih))'[m];"
              f"[b]select='{'+'.join(f'eq(n,{i})' for i in picks)}',"

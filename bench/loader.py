@@ -165,7 +165,7 @@ def build_run(videos: Path, run_dir: Path, config: str, manifest: Path | None = 
 HD_CONFIG = """name: bench-loader-hd
 input: {kind: manifest}
 split: {mode: fixed, window_s: 8.5, stride_s: 3.0, min_clip_s: 8.0, max_clip_s: 10.0}
-clip: {num_frames: 32, frame_size_px: 384}
+clip: {frames_per_clip: 32, frame_size_px: 384}
 shard: {max_samples: 4}
 ray: {num_cpus: 2}
 """

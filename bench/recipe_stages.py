@@ -87,7 +87,7 @@ def main() -> None:
     totals: dict[str, list[float]] = {}
     for video in videos:
         plans = {"keyframes": (kf.sample_fps, kf.max_frames),
-                 "categories": (cat.num_frames / video.probe.duration_s, cat.num_frames)}
+                 "categories": (cat.frames_per_video / video.probe.duration_s, cat.frames_per_video)}
         for stage, (fps, cap) in plans.items():
             frames, tiny_decode = decode(video, fps, cap, tiny.image_size_px)
             tiny_total = tiny_decode + embed_seconds(tiny, frames)

@@ -198,7 +198,7 @@ class HicomConfig:
     tiny: TinySizes = field(default_factory=TinySizes)
     vision_select_layer: int = -2  # VALUE = hidden_states[select_layer] (release -2)
     guide_max_length: int = 64  # instruction tokens for the text tower (SigLIP max 64)
-    num_frames: int = 32  # frames per clip the trainer feeds (release 32)
+    num_frames: int = 32  # frames per example fed to the compressor (the release's --num_frames, 32)
     max_length: int = 4096  # LLM sequence cap after the visual tokens are spliced in
     system_prompt: str | None = None  # None: the LLM tokenizer's template default (release); a string forces one
     guide_text_quirks: bool | None = None  # release's str.lstrip("Question: "); None: on in release behaviour

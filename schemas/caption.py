@@ -11,11 +11,13 @@ import re
 from string import Template
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from schemas.config_base import StrictConfig, renamed_placeholder
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Config(StrictConfig):
+    pass
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -51,7 +53,7 @@ class EndpointConfig(_Config):
 
 
 DEFAULT_CAPTION_PROMPT = (
-    "These $num_frames frames are sampled in time order from a video clip of $duration_s seconds. "
+    "These $images_sent frames are sampled in time order from a video clip of $duration_s seconds. "
     "Describe the clip in detail: the setting, the people, animals and objects with their appearance, what "
     "they do and how the scene changes over time. Describe only what is visible. Write one paragraph.")
 
@@ -63,10 +65,11 @@ class CaptionConfig(_Config):
     # vlm: always ask the VLM; auto: the source caption when there is one, else the VLM.
     mode: Literal["source", "vlm", "auto"] = "source"
     endpoint: EndpointConfig | None = None  # the VLM; required for vlm/auto
-    num_frames: int = Field(8, ge=1)  # frames sent as images, uniformly picked from the clip's frames
+    RENAMED = {"num_frames": "captioning.caption.images_per_request"}
+    images_per_request: int = Field(8, ge=1)  # frames sent as images, uniformly picked from the clip's frames
     image_size_px: int = Field(384, ge=16)  # longest side of each image sent
     image_detail: Literal["low", "high", "auto"] = "low"
-    prompt: str = DEFAULT_CAPTION_PROMPT  # $num_frames, $duration_s, $title
+    prompt: str = DEFAULT_CAPTION_PROMPT  # $images_sent, $duration_s, $title
     prompt_version: str = "caption-v1"
     min_chars: int = 20  # shorter VLM output counts as empty
     skip_annotated: bool = True  # clips carrying released annotation samples are left alone (rebuild mode)
@@ -75,7 +78,7 @@ class CaptionConfig(_Config):
     def _check(self) -> "CaptionConfig":
         if self.mode != "source" and self.endpoint is None:
             raise ValueError(f"caption.mode={self.mode} needs caption.endpoint (a VLM)")
-        _check_template(self.prompt, {"num_frames", "duration_s", "title"}, "caption.prompt")
+        _check_template(self.prompt, {"images_sent", "duration_s", "title"}, "caption.prompt")
         return self
 
 
@@ -124,7 +127,7 @@ Kinds: $kinds
 # Step 2 of the paper's chain of thought (HICom-248K, section 3.2): the VLM sees the clip's frames *and* the
 # detailed caption it wrote in step 1, and writes pairs of the one kind `instruction_followed_description`.
 CHAIN_OF_THOUGHT_PROMPT = """\
-The images are $num_frames frames sampled in time order from a video clip of $duration_s seconds. \
+The images are $images_sent frames sampled in time order from a video clip of $duration_s seconds. \
 A detailed description of the clip:
 $caption
 
@@ -150,14 +153,15 @@ class InstructConfig(_Config):
     pairs_per_request: int | None = Field(None, ge=1)
     system_prompt: str | None = None  # None: the template goes in the user turn (base models, few-shot)
     # caption: an LLM writes pairs from the dense caption (+ title, duration); frames_and_caption: a VLM sees
-    # `num_frames` frames as images *and* the caption (step 2 of the paper's chain of thought).
+    # `images_per_request` frames as images *and* the caption (step 2 of the paper's chain of thought).
     input: Literal["caption", "frames_and_caption"] = "caption"
-    # $caption, $title, $duration_s, $kinds, $n, $num_frames; None: DEFAULT_INSTRUCT_PROMPT for `caption`,
+    # $caption, $title, $duration_s, $kinds, $n, $images_sent; None: DEFAULT_INSTRUCT_PROMPT for `caption`,
     # CHAIN_OF_THOUGHT_PROMPT for `frames_and_caption`
     prompt: str | None = None
     prompt_version: str = "instruct-v1"
     max_caption_chars: int = Field(4000, ge=1)  # longer captions are cut (prompt budget)
-    num_frames: int = Field(8, ge=1)  # frames_and_caption: images sent, uniformly picked from the clip's frames
+    RENAMED = {"num_frames": "captioning.instruct.images_per_request"}
+    images_per_request: int = Field(8, ge=1)  # frames_and_caption: images sent, uniformly picked from the clip's frames
     image_size_px: int = Field(384, ge=16)  # longest side of each image sent
     image_detail: Literal["low", "high", "auto"] = "low"
 
@@ -177,7 +181,7 @@ class InstructConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> "InstructConfig":
-        _check_template(self.template, {"caption", "title", "duration_s", "kinds", "n", "num_frames"},
+        _check_template(self.template, {"caption", "title", "duration_s", "kinds", "n", "images_sent"},
                         "instruct.prompt")
         if not re.match(r"^[A-Za-z0-9._-]+$", self.prompt_version):
             raise ValueError("instruct.prompt_version: letters, digits, '.', '_' and '-' only (it is in ids)")
@@ -274,6 +278,7 @@ def _check_template(text: str, allowed: set[str], where: str) -> None:
         name = match.group("named") or match.group("braced")
         if name:
             identifiers.add(name)
+    renamed_placeholder(identifiers, {"num_frames": "images_sent"}, where)
     unknown = identifiers - allowed
     if unknown:
         raise ValueError(f"{where}: unknown placeholders {sorted(unknown)}; allowed: {sorted(allowed)}")

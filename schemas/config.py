@@ -6,15 +6,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from schemas.caption import CaptioningConfig
+from schemas.config_base import StrictConfig
 from schemas.overrides import apply_overrides
 from schemas.recipe import EmbedderConfig, RecipeConfig
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Config(StrictConfig):
+    pass
 
 
 _URI_CREDENTIALS = re.compile(r"://[^/@?]*@|[?&](access_key|secret_key|session_token)=", re.IGNORECASE)
@@ -81,7 +82,8 @@ class SplitConfig(_Config):
 class ClipConfig(_Config):
     """Clip encoding and frame sampling. Defaults follow HICom's conditional pre-training."""
 
-    num_frames: int = Field(32, ge=1)
+    RENAMED = {"num_frames": "clip.frames_per_clip"}
+    frames_per_clip: int = Field(32, ge=1)  # frames sampled uniformly from each clip into its shard sample
     frame_size_px: int = 384  # SigLIP so400m-patch14-384 input
     pad_rgb: tuple[int, int, int] = (127, 127, 127)  # SigLIP image_mean 0.5 -> the release's pad colour
     jpeg_qscale: int = Field(3, ge=2, le=31)  # ffmpeg -q:v for frames (2 best)

@@ -13,7 +13,9 @@ from schemas.records import Failure, ShardSample, VideoRecord, VideoResult
 CLIP_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("video_id", pa.string()), ("shard", pa.string()), ("source", pa.string()),
     ("start_s", pa.float64()), ("end_s", pa.float64()), ("duration_s", pa.float64()),
-    ("num_frames", pa.int32()), ("num_clip_frames", pa.int32()), ("frames_padded", pa.int32()),
+    ("frames_stored", pa.int32()),  # frames in the shard sample (clip.frames_per_clip)
+    ("frames_in_clip", pa.int32()),  # frames of the source inside the clip's span
+    ("frames_padded", pa.int32()),
     ("frame_size_px", pa.int32()), ("mp4_width", pa.int32()), ("mp4_height", pa.int32()),
     ("mp4_bytes", pa.int64()), ("frames_bytes", pa.int64()), ("mp4_stream_copied", pa.bool_()),
     ("num_samples", pa.int32()), ("num_pairs", pa.int32()), ("has_caption", pa.bool_()),
@@ -48,8 +50,8 @@ def clip_row(sample: ShardSample, shard: str, frame_dhash: list[int] | None = No
     keyframes = None if keyframe_times_s is None else sum(c.start_s - 1e-6 <= t < c.end_s - 1e-6
                                                           for t in keyframe_times_s)
     return {"clip_id": c.id, "video_id": c.video_id, "shard": shard, "source": c.source,
-            "start_s": c.start_s, "end_s": c.end_s, "duration_s": c.duration_s, "num_frames": len(sample.frames),
-            "num_clip_frames": c.num_clip_frames, "frames_padded": c.frames_padded,
+            "start_s": c.start_s, "end_s": c.end_s, "duration_s": c.duration_s, "frames_stored": len(sample.frames),
+            "frames_in_clip": c.frames_in_clip, "frames_padded": c.frames_padded,
             "frame_size_px": c.frame_size_px, "mp4_width": c.mp4_width, "mp4_height": c.mp4_height,
             "mp4_bytes": c.mp4_bytes, "frames_bytes": c.frames_bytes, "mp4_stream_copied": c.mp4_stream_copied,
             "num_samples": len(sample.samples), "num_pairs": len(sample.pairs), "has_caption": bool(c.caption),

@@ -1,6 +1,6 @@
 """`--set KEY=VALUE` overrides: one parser and one dotted-key apply for every command that takes them.
 
-Values are YAML scalars (`--set clip.num_frames=16` gives an int, `--set input.path=/x` a string), so a
+Values are YAML scalars (`--set clip.frames_per_clip=16` gives an int, `--set input.path=/x` a string), so a
 command line override means exactly what the same line in a YAML config would.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ class OverrideError(ValueError):
 
 
 def parse_set_options(items: list[str] | None) -> dict:
-    """`["split.mode=fixed", "clip.num_frames=16"]` -> `{"split.mode": "fixed", "clip.num_frames": 16}`.
+    """`["split.mode=fixed", "clip.frames_per_clip=16"]` -> `{"split.mode": "fixed", "clip.frames_per_clip": 16}`.
 
     Raises OverrideError naming the item when it has no `=` or an empty key.
     """
@@ -33,9 +33,9 @@ def parse_set_options(items: list[str] | None) -> dict:
 
 
 def apply_overrides(data: dict, overrides: dict | None) -> dict:
-    """A copy of `data` with each dotted key (`clip.num_frames`) set, creating missing sections.
+    """A copy of `data` with each dotted key (`clip.frames_per_clip`) set, creating missing sections.
 
-    A dotted key that runs into a non-mapping value (`--set clip=3 --set clip.num_frames=4`) is an error
+    A dotted key that runs into a non-mapping value (`--set clip=3 --set clip.frames_per_clip=4`) is an error
     rather than a silent replacement.
     """
     result = copy.deepcopy(data)

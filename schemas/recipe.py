@@ -6,11 +6,13 @@ the paper's values (arXiv 2503.16036, section 3.2; `shared/reference/hicom.md`, 
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from schemas.config_base import StrictConfig
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Config(StrictConfig):
+    pass
 
 
 class EmbedderConfig(_Config):
@@ -69,7 +71,8 @@ class CategoryConfig(_Config):
     per_category: int = Field(1500, ge=0)
     random_others: int = Field(10000, ge=0)
     seed: int = 0  # the random pick is a hash of (seed, video id): the same on every rerun
-    num_frames: int = Field(8, ge=1)  # frames per video, uniformly spread, averaged into the video embedding
+    RENAMED = {"num_frames": "recipe.categories.frames_per_video"}
+    frames_per_video: int = Field(8, ge=1)  # uniformly spread over the video, averaged into its embedding
     timeout_s: float = Field(600.0, gt=0)
 
 

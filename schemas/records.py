@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class _Record(BaseModel):
@@ -72,7 +72,7 @@ class ProbeInfo(_Record):
     has_audio: bool = False
     format_name: str = ""
     bit_rate: int | None = None
-    num_frames: int
+    total_frames: int  # frames the source holds (what its frames cover, see duration_s)
     frame_times_s: list[float] = Field(default_factory=list, repr=False)
     keyframe_times_s: list[float] = Field(default_factory=list, repr=False)
 
@@ -103,7 +103,9 @@ class ClipRecord(_Record):
     end_s: float
     frame_times_s: list[float]
     frame_indices: list[int]  # indices into the clip's own frames, as the release samples them
-    num_clip_frames: int
+    # frames of the source inside the clip's span (the frames stored are `frame_indices` of them); shards
+    # written before the rename call it num_clip_frames
+    frames_in_clip: int = Field(validation_alias=AliasChoices("frames_in_clip", "num_clip_frames"))
     frames_padded: int = 0  # frames repeated because decoding returned fewer than planned
     frame_size_px: int
     mp4_width: int | None = None

@@ -87,11 +87,11 @@ def response_format(mode: str, schema: dict, name: str) -> dict | None:
 
 
 def caption_messages(sample: ShardSample, cfg: CaptionConfig, title: str) -> list[dict]:
-    frames = pick_frames(sample.frames, cfg.num_frames)
-    text = Template(cfg.prompt).substitute(num_frames=len(frames), duration_s=f"{sample.clip.duration_s:.1f}",
+    frames = pick_frames(sample.frames, cfg.images_per_request)
+    text = Template(cfg.prompt).substitute(images_sent=len(frames), duration_s=f"{sample.clip.duration_s:.1f}",
                                            title=title)
     return [{"role": "user", "content": [{"type": "text", "text": text},
-                                         *image_parts(frames, cfg.num_frames, cfg.image_size_px, cfg.image_detail)]}]
+                                         *image_parts(frames, cfg.images_per_request, cfg.image_size_px, cfg.image_detail)]}]
 
 
 def caption_text(reply: ChatResult, structured: bool) -> str:

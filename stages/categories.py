@@ -1,7 +1,7 @@
 """Categories: score a video against the recipe's category sentences with the image-text model.
 
 HICom-248K balanced its sources over 29 categories written as sentences ("A video about cooking activity."),
-scored against every video. Here a video's embedding is the mean of `num_frames` uniformly spread frames;
+scored against every video. Here a video's embedding is the mean of `frames_per_video` uniformly spread frames;
 its best category and that similarity go to the `videos` index. The dataset-wide selection (up to N per
 category plus M random others) is a separate bounded pass: `pipeline/category_select.py`.
 """
@@ -45,8 +45,8 @@ def apply(result: VideoResult, cfg: CategoryConfig, embedder_cfg: EmbedderConfig
     video = result.video
     embedder = load_embedder(embedder_cfg)
     duration = video.probe.duration_s
-    frames, _ = frames_or_fail(result, STAGE, cfg.num_frames / max(duration, 1e-3), embedder.image_size_px,
-                               cfg.num_frames, cfg.timeout_s)
+    frames, _ = frames_or_fail(result, STAGE, cfg.frames_per_video / max(duration, 1e-3), embedder.image_size_px,
+                               cfg.frames_per_video, cfg.timeout_s)
     if frames is None:
         return result
     sentences = _sentence_embeddings(embedder, tuple(cfg.sentences))

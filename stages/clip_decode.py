@@ -45,7 +45,7 @@ def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | 
     times = frames_in_span(probe.frame_times_s, span.start_s, span.end_s)
     if not times:
         return None
-    indices = release_frame_indices(len(times), cfg.num_frames)
+    indices = release_frame_indices(len(times), cfg.frames_per_clip)
     copy = (
         cfg.write_mp4 and cfg.stream_copy and probe.codec == "h264" and probe.rotation_deg == 0
         and max(probe.width, probe.height) <= cfg.mp4_max_side_px
@@ -59,7 +59,7 @@ def plan_clip(video: VideoRecord, span: Span, cfg: ClipConfig) -> PlannedClip | 
         end_s=span.end_s,
         frame_times_s=[times[i] for i in indices],
         frame_indices=indices,
-        num_clip_frames=len(times),
+        frames_in_clip=len(times),
         frame_size_px=cfg.frame_size_px,
         mp4_stream_copied=copy,
         caption=span.caption,
@@ -131,7 +131,7 @@ def copy_command(source: str, clip: PlannedClip, out: Path) -> list[str]:
     """Stream copy of one clip (it starts on a keyframe and needs no resize)."""
     duration = clip.span.end_s - clip.span.start_s
     return (ffmpeg.output(_input(source, clip.span.start_s)["v:0"], str(out),
-                          **{"t": f"{duration:.6f}", "frames:v": clip.record.num_clip_frames, "c": "copy",
+                          **{"t": f"{duration:.6f}", "frames:v": clip.record.frames_in_clip, "c": "copy",
                              "an": None, "movflags": "+faststart", "avoid_negative_ts": "make_zero"})
             .global_args("-hide_banner", "-nostdin", "-v", "error")
             .compile(cmd=ffmpeg_binary()))

@@ -71,9 +71,9 @@ def request_plan(cfg: InstructConfig) -> list[list[tuple[int, str]]]:
 
 
 def prompt_text(cfg: InstructConfig, caption: str, title: str, duration_s: float, kinds: list[str],
-                num_frames: int = 0) -> str:
+                images_sent: int = 0) -> str:
     caption = " ".join(caption.split())[:cfg.max_caption_chars]
-    return Template(cfg.template).substitute(caption=caption, title=title or "unknown", num_frames=num_frames,
+    return Template(cfg.template).substitute(caption=caption, title=title or "unknown", images_sent=images_sent,
                                              duration_s=f"{duration_s:.1f}", kinds=", ".join(kinds), n=len(kinds))
 
 
@@ -83,10 +83,10 @@ def build_messages(cfg: InstructConfig, sample: ShardSample, title: str, kinds: 
     clip = sample.clip
     if cfg.input == "caption":
         return messages + [{"role": "user", "content": prompt_text(cfg, clip.caption, title, clip.duration_s, kinds)}]
-    frames = pick_frames(sample.frames, cfg.num_frames)
+    frames = pick_frames(sample.frames, cfg.images_per_request)
     text = prompt_text(cfg, clip.caption, title, clip.duration_s, kinds, len(frames))
     return messages + [{"role": "user", "content": [
-        {"type": "text", "text": text}, *image_parts(frames, cfg.num_frames, cfg.image_size_px, cfg.image_detail)]}]
+        {"type": "text", "text": text}, *image_parts(frames, cfg.images_per_request, cfg.image_size_px, cfg.image_detail)]}]
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)

@@ -163,7 +163,7 @@ def probe_info(path: str, size_bytes: int, cfg: ProbeConfig) -> ProbeInfo:
         has_audio=any(s.get("codec_type") == "audio" for s in streams),
         format_name=format_name,
         bit_rate=int(fmt["bit_rate"]) if str(fmt.get("bit_rate", "")).isdigit() else None,
-        num_frames=len(times),
+        total_frames=len(times),
         frame_times_s=[round(t, 6) for t in times],
         keyframe_times_s=[round(t, 6) for t in keys],
     )

@@ -4,16 +4,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def release_frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """Indices of `num_frames` frames out of `total_frames`: the middle of each of num_frames equal segments.
+def release_frame_indices(total_frames: int, wanted: int) -> list[int]:
+    """Indices of `wanted` frames out of `total_frames`: the middle of each of `wanted` equal segments.
 
     segment = (total - 1) / num; index_i = round(segment * (i + 0.5)). Repeats indices when the clip has
     fewer frames than requested, as the release does.
     """
     if total_frames <= 0:
         return []
-    segment = float(total_frames - 1) / num_frames
-    mids = [(segment * i + segment * (i + 1)) / 2 for i in range(num_frames)]
+    segment = float(total_frames - 1) / wanted
+    mids = [(segment * i + segment * (i + 1)) / 2 for i in range(wanted)]
     return [int(v) for v in np.round(np.array(mids) + 1e-6).astype(int)]
 
 

@@ -278,7 +278,7 @@ def make_result(video_id: str, captions: list, frame_seed: int = 0, frames_per_c
         start, end = 2.0 * i, 2.0 * i + 2.0
         clip = ClipRecord(id=ClipRecord.make_id(video_id, start, end), video_id=video_id, source=f"{video_id}.mp4",
                           start_s=start, end_s=end, frame_times_s=[start + 0.5 * k for k in range(frames_per_clip)],
-                          frame_indices=list(range(frames_per_clip)), num_clip_frames=frames_per_clip * 10,
+                          frame_indices=list(range(frames_per_clip)), frames_in_clip=frames_per_clip * 10,
                           frame_size_px=64, caption=text)
         frames = [jpeg(frame_seed * 1000 + i * 10 + k) for k in range(frames_per_clip)]
         result.samples.append(attach_pairs(ShardSample(clip=clip, frames=frames), InputConfig()))

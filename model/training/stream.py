@@ -131,7 +131,7 @@ class ShardStream(IterableDataset):
             if 0 < stored < self.num_frames:
                 self._frames_warned = True
                 logger.warning("clip %s holds %d frames but the model takes %d: frames are repeated to fill it "
-                               "(release uniform sampling); build shards with clip.num_frames >= %d, or lower "
+                               "(release uniform sampling); build shards with clip.frames_per_clip >= %d, or lower "
                                "num_frames", clip.get("__key__"), stored, self.num_frames, self.num_frames)
         return clip
 

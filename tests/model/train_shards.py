@@ -24,7 +24,7 @@ def shard_config(manifest: Path, max_samples: int = 3):
     return RunConfig.model_validate({
         "name": "train-test", "input": {"kind": "manifest", "path": str(manifest)},
         "split": {"mode": "fixed", "window_s": 1.0, "stride_s": 1.0, "min_clip_s": 0.5},
-        "clip": {"num_frames": 4, "frame_size_px": 112, "write_mp4": False},
+        "clip": {"frames_per_clip": 4, "frame_size_px": 112, "write_mp4": False},
         "shard": {"max_samples": max_samples, "videos_per_part": 1}, "ray": {"num_cpus": 2}})
 
 

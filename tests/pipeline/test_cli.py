@@ -55,7 +55,7 @@ def test_rebuild_stats_and_export_llava(release_like, tmp_path):
     run = tmp_path / "run"
     out = hicom("rebuild", "--annotations", str(release_like / "qa.json"), "--video-root",
                 str(release_like / "split_videos"), "--out", str(run), "--no-progress",
-                "--set", "clip.num_frames=8").stdout
+                "--set", "clip.frames_per_clip=8").stdout
     assert "2 clips" in out
     con = connect(run)
     in_pairs = {r[0] for r in con.execute("SELECT DISTINCT sample_id FROM pairs").fetchall()}
@@ -108,7 +108,7 @@ def test_start_errors_are_one_line_exit_2_and_leave_no_run_dir(tmp_path):
     assert not run.exists()
     proc = hicom("build", "configs/folder.yaml", "--input", str(tmp_path / "missing"), "--out", str(run), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "runs").exists()
-    proc = hicom("build", "--input", str(videos), "--out", str(run), "--set", "clip.num_frames", check=False)
+    proc = hicom("build", "--input", str(videos), "--out", str(run), "--set", "clip.frames_per_clip", check=False)
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr and not run.exists()
     proc = hicom("export-llava", str(tmp_path / "runs"), str(tmp_path / "out" / "train.json"), check=False)
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
@@ -120,7 +120,7 @@ def test_folder_run_without_pairs_says_so_in_export_and_plots(tmp_path):
     make_test_video(videos / "a.mp4", seconds=1.5)
     run = tmp_path / "run"
     hicom("build", "configs/folder.yaml", "--input", str(videos), "--out", str(run), "--no-progress",
-          "--set", "clip.num_frames=2")
+          "--set", "clip.frames_per_clip=2")
     proc = hicom("export-llava", str(run), str(tmp_path / "out" / "train.json"), "--no-progress")
     assert json.loads((tmp_path / "out" / "train.json").read_text()) == []
     assert "no instruction/answer pairs" in proc.stderr

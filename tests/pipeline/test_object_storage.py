@@ -43,7 +43,7 @@ def test_build_stats_and_export_on_object_storage(s3_bucket, moto_endpoint, tmp_
     run_uri = f"s3://{s3_bucket}/run"
     args = ["build", "--input", f"s3://{s3_bucket}/videos/", "--out", run_uri, "--no-progress",
             "--set", "split.mode=fixed", "--set", "split.window_s=1.0", "--set", "split.stride_s=1.0",
-            "--set", "clip.num_frames=2", "--set", "ray.num_cpus=2"]
+            "--set", "clip.frames_per_clip=2", "--set", "ray.num_cpus=2"]
     first = hicom(env, work, *args)
     again = hicom(env, work, *args)  # a rerun skips every committed video: no duplicates
 

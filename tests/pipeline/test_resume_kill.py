@@ -14,7 +14,7 @@ from schemas.config import load_run_config
 CONFIG = """
 name: kill-test
 split: {mode: fixed, window_s: 1.0, stride_s: 1.0}
-clip: {num_frames: 4}
+clip: {frames_per_clip: 4}
 shard: {max_samples: 3, videos_per_part: 2}
 ray: {num_cpus: 2}
 """

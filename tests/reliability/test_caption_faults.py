@@ -40,7 +40,7 @@ def manifest(tmp_path_factory):
 
 def config(manifest, stub, key_env: str | None = None) -> dict:
     return {"input": {"path": str(manifest)}, "split": {"mode": "fixed", "window_s": 1, "stride_s": 1},
-            "clip": {"num_frames": 2}, "shard": {"max_samples": 2}, "ray": {"num_cpus": 2},
+            "clip": {"frames_per_clip": 2}, "shard": {"max_samples": 2}, "ray": {"num_cpus": 2},
             "captioning": {"instruct": {"pairs_per_clip": 2, "endpoint": {
                 "base_url": stub.base_url, "model": "stub-llm", "api_key_env": key_env, "timeout_s": 5,
                 "max_retries": 2, "backoff_base_s": 0.01, "max_concurrency": 2}},
@@ -171,7 +171,7 @@ def test_default_captioning_actors_run_on_two_cpus(manifest, tmp_path, ray_local
     with StubOpenAI(pairs_responder) as stub:
         cfg = config(manifest, stub)
         del cfg["captioning"]["actors"]
-        cfg["captioning"]["caption"] = {"mode": "vlm", "num_frames": 2, "endpoint": {
+        cfg["captioning"]["caption"] = {"mode": "vlm", "images_per_request": 2, "endpoint": {
             "base_url": stub.base_url, "model": "stub-vlm", "timeout_s": 5, "max_retries": 2}}
         report = build(RunConfig.model_validate(cfg), run, progress=False)
         assert stub.statuses[200] > 0

@@ -16,7 +16,7 @@ from pipeline.build import RunStorageError, build
 from pipeline.resume import committed_parts
 from schemas.config import RunConfig
 
-CFG = {"split": {"mode": "fixed", "window_s": 1.0, "stride_s": 1.0}, "clip": {"num_frames": 4},
+CFG = {"split": {"mode": "fixed", "window_s": 1.0, "stride_s": 1.0}, "clip": {"frames_per_clip": 4},
        "shard": {"max_samples": 3, "videos_per_part": 2}, "ray": {"num_cpus": 2}}
 
 

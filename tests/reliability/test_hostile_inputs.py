@@ -33,7 +33,7 @@ def hostile(tmp_path_factory):
 def test_hostile_files_each_recorded_once_with_their_reason(hostile, ray_local):
     root, cases = hostile
     cfg = RunConfig.model_validate({"input": {"path": str(root / "inputs")}, "probe": {"timeout_s": 30},
-                                    "clip": {"num_frames": 4, "timeout_s": 60}})
+                                    "clip": {"frames_per_clip": 4, "timeout_s": 60}})
     build(cfg, root / "run", progress=False)
     con = connect(root / "run")
     # Every row, not dicts: an input recorded twice must show up as duplicated.
@@ -74,7 +74,7 @@ def test_no_file_outside_the_roots_is_opened(hostile, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(["strace", "-qq", "-e", "trace=open,openat,openat2", "-o", str(log_dir / "driver.log"),
                            sys.executable, "-m", "pipeline.cli", "build", "--input", str(root / "inputs"), "--out",
-                           str(run), "--no-progress", "--set", "clip.num_frames=4"],
+                           str(run), "--no-progress", "--set", "clip.frames_per_clip=4"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     traced = sorted(p.name for p in log_dir.glob("*.log"))
@@ -104,7 +104,7 @@ def test_hostile_annotations(tmp_path, ray_local):
     (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
     cfg = RunConfig.model_validate({"input": {"path": str(tmp_path / "qa.jsonl"), "kind": "llava",
                                               "data_root": str(clips)}, "split": {"mode": "given"},
-                                    "clip": {"num_frames": 2}})
+                                    "clip": {"frames_per_clip": 2}})
     build(cfg, tmp_path / "run", progress=False)
     con = connect(tmp_path / "run")
     failures = dict(con.execute("SELECT item_id, reason FROM failures").fetchall())

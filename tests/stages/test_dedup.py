@@ -68,7 +68,7 @@ def test_band_index_never_misses_a_pair_within_the_threshold():
 def result_with(video_id: str, frames: list[bytes], start: int = 0) -> VideoResult:
     clip = ClipRecord(id=ClipRecord.make_id(video_id, start, start + 2), video_id=video_id, source=f"{video_id}.mp4",
                       start_s=start, end_s=start + 2, frame_times_s=[0.0], frame_indices=[0],
-                      num_clip_frames=len(frames), frame_size_px=384)
+                      frames_in_clip=len(frames), frame_size_px=384)
     return VideoResult(video_id=video_id, source=f"{video_id}.mp4", samples=[ShardSample(clip=clip, frames=frames)])
 
 

@@ -109,7 +109,7 @@ def test_llama_cpp_json_mode_and_one_request_per_pair(stub):
 
 def test_chain_of_thought_sends_frames_and_caption_for_n_descriptions(stub):
     cfg = config(stub, input="frames_and_caption", kinds=["instruction_followed_description"], pairs_per_clip=3,
-                 num_frames=3, image_size_px=32, prompt_version="hicom248k-cot-v1")
+                 images_per_request=3, image_size_px=32, prompt_version="hicom248k-cot-v1")
     [result], _ = run_instruct(stub, cfg, [make_result("v", CAPTIONS[:1], frames_per_clip=6)])
     assert stub.total == 1
     parts = stub.bodies[0]["messages"][-1]["content"]
@@ -258,7 +258,7 @@ def vlm(stub, **kw) -> EndpointConfig:
 
 def test_vlm_caption_sends_frames_and_adds_a_caption_pair(stub):
     ep = vlm(stub)
-    cfg = CaptionConfig(mode="auto", endpoint=ep, num_frames=3, image_size_px=32)
+    cfg = CaptionConfig(mode="auto", endpoint=ep, images_per_request=3, image_size_px=32)
     result = run_caption(make_result("v", [CAPTIONS[0], None]), cfg, LLMClient(ep))
     assert stub.total == 1  # only the clip without a source caption
     parts = stub.bodies[0]["messages"][0]["content"]

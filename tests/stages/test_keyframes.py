@@ -78,7 +78,7 @@ def test_undecodable_source_fails_the_video_with_a_reason(probed, tmp_path, torc
 def test_category_is_the_best_scoring_sentence(probed, torch_single_thread):
     sentences = ["A video about cooking activity.", "A video about dancing.", "A video about gaming."]
     out = categories.apply(VideoResult(video_id="v", video=probed.model_copy(deep=True)),
-                           CategoryConfig(sentences=sentences, num_frames=4), EMBEDDER)
+                           CategoryConfig(sentences=sentences, frames_per_video=4), EMBEDDER)
     embedder = load_embedder(EMBEDDER)
     frames, _ = keyframes.sample_frames(probed.source, 8.0, 0.5, 32, 4, 60)
     expected = embedder.embed_texts(sentences) @ categories.video_embedding(embedder, frames)

@@ -5,7 +5,7 @@ from stages.pairs import attach_pairs, pairs_of_sample
 
 def _clip(caption=None):
     return ClipRecord(id="v_0_1000", video_id="v", source="v.mp4", start_s=0, end_s=1, frame_times_s=[0],
-                      frame_indices=[0], num_clip_frames=1, frame_size_px=4, caption=caption)
+                      frame_indices=[0], frames_in_clip=1, frame_size_px=4, caption=caption)
 
 
 def test_multi_turn_sample_gives_one_pair_per_exchange():

@@ -24,7 +24,7 @@ def test_real_sample_video(sample_dir):
     assert (info.width, info.height, info.codec) == (1280, 720, "h264")
     assert info.has_audio
     assert info.duration_s == pytest.approx(5.28, abs=0.05)
-    assert info.num_frames == len(info.frame_times_s) == 132
+    assert info.total_frames == len(info.frame_times_s) == 132
     assert info.frame_times_s == sorted(info.frame_times_s) and info.frame_times_s[0] == 0.0
     assert info.keyframe_times_s[0] == 0.0
 
@@ -55,7 +55,7 @@ def test_variable_frame_rate_times_come_from_packets(tmp_path):
     ffmpeg("-i", str(src), "-vf", "select='lt(n,10)+not(mod(n,2))'", "-fps_mode", "vfr", "-c:v", "libx264",
            "-preset", "ultrafast", str(tmp_path / "vfr.mp4"))
     info = _probe(tmp_path / "vfr.mp4")
-    assert info.num_frames == 15
+    assert info.total_frames == 15
     gaps = {round(b - a, 2) for a, b in zip(info.frame_times_s, info.frame_times_s[1:])}
     assert gaps == {0.1, 0.2}
 

@@ -16,7 +16,7 @@ def _result(video_id: str, clips: int) -> VideoResult:
     samples = []
     for i in range(clips):
         clip = ClipRecord(id=ClipRecord.make_id(video_id, i, i + 1), video_id=video_id, source=f"{video_id}.mp4",
-                          start_s=i, end_s=i + 1, frame_times_s=[i], frame_indices=[0], num_clip_frames=1,
+                          start_s=i, end_s=i + 1, frame_times_s=[i], frame_indices=[0], frames_in_clip=1,
                           frame_size_px=4)
         pair = QAPair(instruction="q", answer="a", sample_id=f"{clip.id}-s", scores={"rel": 0.5})
         samples.append(ShardSample(clip=clip, frames=[b"jpg%d" % i, b"jpg"], mp4=b"mp4", pairs=[pair]))
