@@ -174,7 +174,7 @@ def _instruction_cap(results: list[VideoResult], cfg: FilterConfig, actors: list
     for i in sorted(refused):
         result, sample, pair = pairs[i]
         result.failures.append(drop_pair(pair, result.video_id, sample.clip.source, caption_reasons.OVERUSED_INSTRUCTION,
-                                         f"seen {limit} times in the dataset", pair.scores))
+                                         f"seen {limit} times in the dataset", pair.scores, dedup.STAGE))
     dropped = {pairs[i][2].sample_id for i in refused}
     for result in results:
         result.samples = [s.model_copy(update={"pairs": [p for p in s.pairs if p.sample_id not in dropped],

@@ -77,10 +77,11 @@ class TextEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
-def drop_pair(pair: QAPair, video_id: str, source: str, reason: str, detail: str, scores: dict) -> Failure:
+def drop_pair(pair: QAPair, video_id: str, source: str, reason: str, detail: str, scores: dict,
+              stage: str = STAGE) -> Failure:
     shown = {k: round(v, 3) for k, v in scores.items()}
     text = f"{detail} | instruction={pair.instruction[:200]!r} answer={pair.answer[:300]!r} scores={shown}"
-    return Failure(item_id=pair.sample_id, video_id=video_id, stage=STAGE, reason=reason, detail=text, source=source)
+    return Failure(item_id=pair.sample_id, video_id=video_id, stage=stage, reason=reason, detail=text, source=source)
 
 
 def pair_scores(pair: QAPair, caption: str, vectors: dict[str, np.ndarray]) -> dict[str, float]:

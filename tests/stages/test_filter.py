@@ -185,7 +185,7 @@ def test_dataset_dedup_of_an_annotation_version_caps_instructions_drops_repeated
 
     actors = dedup_ray.start_partitions(cfg, str(tmp_path), [], 2, pairs_dir=version)
     results = dedup_all([video(0), video(1), video(2)], actors)
-    assert [f.reason for f in results[2].failures] == [reasons.OVERUSED_INSTRUCTION]
+    assert [(f.stage, f.reason) for f in results[2].failures] == [("dedup", reasons.OVERUSED_INSTRUCTION)]
     assert not results[0].failures and not results[1].failures
     copy = make_result("v3", ["The same footage again."])
     copy.samples[0] = copy.samples[0].model_copy(update={"frames": list(results[0].samples[0].frames)})
