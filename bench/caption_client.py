@@ -28,6 +28,7 @@ from pipeline.captioning import apply_stages, caption_stages  # noqa: E402
 from schemas.caption import CaptioningConfig  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
 from stages.ray_adapter import from_row, to_row  # noqa: E402
+from stages.ray_runtime import init_ray  # noqa: E402
 from tests.stub_openai import make_result  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=args.num_cpus)  # the project's one local-Ray start
     ray.data.DataContext.get_current().enable_progress_bars = False
     for cache in (True, False):
         bench(args.latency_s, args.concurrency, args.requests or 10 * args.concurrency, args.slow_every,

@@ -98,16 +98,20 @@ def test_invalid_and_duplicate_spans_are_failure_rows_keyed_by_row(scene_video):
     assert not result.failed and len(result.failures) == 6  # span failures never fail the video
 
 
-def test_panda_style_row_with_several_spans_keys_each_span(scene_video, tmp_path):
-    """Split keys a span's failure as ingest keys its row: one key format for a manifest row everywhere."""
+def ingest_csv(scene_video, folder, name: str, text: str):
+    """`text` as manifest `name` beside a copy of the scene video (`scenes.mp4`), ingested."""
     from schemas.config import InputConfig
     from stages.ingest import ingest_manifest
 
-    shutil.copy(scene_video, tmp_path / "scenes.mp4")
-    manifest = tmp_path / "p.csv"
-    manifest.write_text('path,timestamp\nscenes.mp4,"[[\'0:00:00.000\', \'0:00:03.000\'], '
-                        '[\'0:00:03.000\', \'0:00:01.000\']]"\n')
-    ingested = ingest_manifest(InputConfig(path=str(manifest), hash_files=False), manifest)
+    shutil.copy(scene_video, folder / "scenes.mp4")
+    (folder / name).write_text(text)
+    return ingest_manifest(InputConfig(path=str(folder / name), hash_files=False), folder / name)
+
+
+def test_panda_style_row_with_several_spans_keys_each_span(scene_video, tmp_path):
+    """Split keys a span's failure as ingest keys its row: one key format for a manifest row everywhere."""
+    ingested = ingest_csv(scene_video, tmp_path, "p.csv", 'path,timestamp\nscenes.mp4,"[[\'0:00:00.000\', '
+                          '\'0:00:03.000\'], [\'0:00:03.000\', \'0:00:01.000\']]"\n')
     assert [s.item_id for s in ingested.videos[0].spans] == ["p.csv:2.0", "p.csv:2.1"]
     video = probe_video(ingested.videos[0], ProbeConfig())
     spans, failures = split_video(video, SplitConfig(mode="fixed", window_s=4, stride_s=4, min_clip_s=1))
@@ -116,14 +120,8 @@ def test_panda_style_row_with_several_spans_keys_each_span(scene_video, tmp_path
 
 
 def test_manifest_rows_each_end_as_a_clip_or_a_failure(scene_video, tmp_path):
-    from schemas.config import InputConfig
-    from stages.ingest import ingest_manifest
-
-    shutil.copy(scene_video, tmp_path / "scenes.mp4")
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("path,start_s,end_s,caption\nscenes.mp4,0,3,one\nscenes.mp4,3,8,two\n"
-                        "scenes.mp4,6,2,bad\nscenes.mp4,0,3,one again\n")
-    ingested = ingest_manifest(InputConfig(path=str(manifest), hash_files=False), manifest)
+    ingested = ingest_csv(scene_video, tmp_path, "m.csv", "path,start_s,end_s,caption\nscenes.mp4,0,3,one\n"
+                          "scenes.mp4,3,8,two\nscenes.mp4,6,2,bad\nscenes.mp4,0,3,one again\n")
     # the repeated span (line 5) is reported by ingest; lines 2-4 reach split, keyed by their line number
     assert [(f.item_id, f.reason) for f in ingested.failures] == [("m.csv:5", "duplicate_span")]
     assert len(ingested.videos) == 1
