@@ -2,6 +2,7 @@
 without touching video, through the same Ray stages as `hicom build` (`pipeline/captioning.py`):
     annotations/<version>/captioning.yaml                the captioning config used
     annotations/<version>/shard-NNNNN.pairs.parquet      all pairs of the part's clips (index schema)
+    annotations/<version>/shard-NNNNN.clips.parquet      the clips kept (+ frame_dhash: the dedup index on resume)
     annotations/<version>/shard-NNNNN.failures.parquet   what was lost, with reasons
     annotations/<version>/shard-NNNNN.stats.json         written last: the part is committed
 The shards are read with `ray.data.read_webdataset` (frames and metadata, no mp4), grouped back into videos,
@@ -25,8 +26,8 @@ from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_sessio
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
 from schemas.overrides import apply_overrides, parse_set_options
-from schemas.saved_config import check_unchanged
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
+from schemas.saved_config import check_unchanged
 from stages.ray_adapter import from_row, to_row
 from stages.storage import Storage
 
@@ -76,13 +77,18 @@ def _load_captioning(run_dir: Path, cfg: RunConfig | CaptioningConfig | None) ->
     return cap
 
 
-def _commit_part(out: Path, name: str, version: str, results: list[VideoResult]) -> dict:
-    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, failure_row, pair_rows, write_table
+def _commit_part(out: Path, name: str, version: str, results: list[VideoResult], signature_frames: int) -> dict:
+    from schemas.index import CLIP_SCHEMA, FAILURE_SCHEMA, PAIR_SCHEMA, clip_row, failure_row, pair_rows
+    from stages.dedup import clip_signature
+    from stages.shard import write_table
 
     samples = [s for r in results for s in r.samples]
     failures = [f for r in results for f in r.failures]
     folder = Storage.from_uri(out)
     write_table(folder, f"{name}.pairs.parquet", [row for s in samples for row in pair_rows(s, name)], PAIR_SCHEMA)
+    write_table(folder, f"{name}.clips.parquet", [
+        clip_row(s, name, clip_signature(s.frames, signature_frames) if signature_frames else None) for s in samples],
+        CLIP_SCHEMA)
     write_table(folder, f"{name}.failures.parquet", [failure_row(f, name) for f in failures], FAILURE_SCHEMA)
     stats = {"shard": name, "version": version, "committed_at": time.time(), "num_clips": len(samples),
              "num_pairs": sum(len(s.pairs) for s in samples), "num_failures": len(failures),
@@ -126,7 +132,8 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
                 name = row["part"]
                 arrived[name].append(result)
                 if {r.video_id for r in arrived[name]} >= expected[name]:
-                    stats = _commit_part(out, name, version, sorted(arrived.pop(name), key=lambda r: r.video_id))
+                    stats = _commit_part(out, name, version, sorted(arrived.pop(name), key=lambda r: r.video_id),
+                                         cap.filter.clip_hash_frames if cap.filter.drop_duplicate_clips else 0)
                     counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
                                   failures=stats["num_failures"])
                     if progress:

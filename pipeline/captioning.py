@@ -5,9 +5,8 @@
 stages, the same for `hicom build` and `hicom caption`: the dataset-wide clip dedup first (no LLM request for a
 duplicate), then caption, instruct, filter, and the dataset-wide instruction cap (`stages/dedup_ray.py`,
 partitioned actors: nothing in the driver). Before committing, each command calls `check`, which stops the
-run at the first rejected request. The LLM stages are
-async actors with a bounded queue of videos each (`queue_videos`): a finished video's slot takes the next one at
-once, so there is no batch barrier. Actor CPU reservations are sized from the cluster so the video stages
+run at the first rejected request. The LLM stages are async actors with a bounded queue of videos each
+(`queue_videos`): a finished video's slot takes the next one at once, so there is no batch barrier. Actor CPU reservations are sized from the cluster so the video stages
 always keep a CPU.
 """
 from __future__ import annotations
@@ -248,10 +247,10 @@ class CaptioningSession:
 
 @contextlib.contextmanager
 def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_parts: list[str] = (),
-                       pairs_dir: str = SHARDS_DIR) -> Iterator[CaptioningSession]:
+                       index_dir: str = SHARDS_DIR) -> Iterator[CaptioningSession]:
     """Start the embedded server if configured (stopped on exit, whatever happens) and yield the session.
-    `committed_parts` (and their pairs in `pairs_dir`, relative to `run_dir`) are what the dataset-wide dedup
-    counts as already in the dataset. A run without an enabled `captioning` section yields an empty session."""
+    `committed_parts` (their clip and pair indexes in `index_dir`, relative to `run_dir`) are what the
+    dataset-wide dedup counts as already in the dataset. A run without an enabled `captioning` section yields an empty session."""
     cap = getattr(cfg, "captioning", None)
     if cap is None or not cap.enabled:
         yield CaptioningSession()
@@ -260,7 +259,7 @@ def captioning_session(cfg: RunConfig, run_dir: str | Path, committed_parts: lis
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # Dataset-wide dedup on partitioned Ray actors: clips before any LLM call, instructions after the filter.
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    before, after = dedup_stages(cap.filter, str(run_dir), list(committed_parts), pairs_dir=pairs_dir)
+    before, after = dedup_stages(cap.filter, str(run_dir), list(committed_parts), index_dir=index_dir)
     with maybe_server(cap, run_dir) as base_url:
         yield CaptioningSession(stages=before + caption_stages(cfg, run_dir, base_url, stamp) + after,
                                 usage_dir=run_dir / USAGE_DIR / stamp)

@@ -9,8 +9,8 @@ partitioned over `partitions` actors by key, each holding 1/N of the dataset's k
 - `instruction_cap` runs after the filter: an instruction seen `dataset_max_instruction_repeats` times
   (normalized) is dropped (`overused_instruction`).
 On resume each actor reloads its partition from the committed index parquets (`frame_dhash`, instructions).
-`hicom build` and `hicom caption` both run these stages: a build counts the instructions of its committed
-parts (`shards/`), `hicom caption` those of the annotation version it writes (`annotations/<version>/`).
+`hicom build` and `hicom caption` both run these stages: a build reloads the clips and instructions of its
+committed parts (`shards/`), `hicom caption` those of the annotation version it writes (`annotations/<version>/`).
 """
 from __future__ import annotations
 
@@ -53,36 +53,26 @@ class DedupPartition:
     def _mine(self, keys: list[int]) -> list[int]:
         return [k for k in keys if partition_of(k, self.partitions) == self.index]
 
-    def load(self, run_uri: str, parts: list[str], sources: list[str], pairs_dir: str = SHARDS_DIR) -> int:
-        """Index the committed clips and count the committed instructions of `parts` (this partition's keys).
-        `pairs_dir`: where the parts' pairs are (`shards`, or an annotation version's folder, whose failures
-        name the clips it dropped as duplicates: those are not indexed)."""
+    def load(self, run_uri: str, parts: list[str], sources: list[str], index_dir: str = SHARDS_DIR) -> int:
+        """Index the committed clips and count the committed instructions of `parts` (this partition's keys),
+        from their `clips`/`pairs` parquets in `index_dir` (`shards`, or an annotation version's folder)."""
         storage = Storage.from_uri(run_uri)
         for part in parts:
-            with storage.open_read(f"{SHARDS_DIR}/{part}.clips.parquet") as f:
+            with storage.open_read(f"{index_dir}/{part}.clips.parquet") as f:
                 clips = pq.read_table(f, columns=["clip_id", "frame_dhash"]).to_pylist()
-            dropped = set() if pairs_dir == SHARDS_DIR else self._duplicates(storage, f"{pairs_dir}/{part}")
             for row in clips:
-                if row["clip_id"] in dropped:
-                    continue
                 sig = [int(h) for h in row["frame_dhash"] or []]
                 mine = self._mine(dedup.band_keys(sig, self.signatures.max_distance))
                 if mine:
                     self.signatures.add(row["clip_id"], sig, mine)
                     self.committed.add(row["clip_id"])
-            with storage.open_read(f"{pairs_dir}/{part}.pairs.parquet") as f:
+            with storage.open_read(f"{index_dir}/{part}.pairs.parquet") as f:
                 pairs = pq.read_table(f, columns=["instruction", "source"]).to_pylist()
             for row in pairs:
                 key = instruction_key(row["instruction"])
                 if row["source"] in sources and partition_of(key, self.partitions) == self.index:
                     self.counts[key] = self.counts.get(key, 0) + 1
         return len(self.signatures.entries)
-
-    @staticmethod
-    def _duplicates(storage: Storage, part: str) -> set[str]:
-        with storage.open_read(f"{part}.failures.parquet") as f:
-            rows = pq.read_table(f, columns=["item_id", "reason"]).to_pylist()
-        return {r["item_id"] for r in rows if r["reason"] == caption_reasons.DUPLICATE_CLIP}
 
     def query_insert(self, items: list[tuple[str, list[int], list[int]]]) -> list[tuple[str, float] | None]:
         """For each (clip_id, signature, keys of this partition): the closest committed clip, or in-flight
@@ -108,13 +98,13 @@ class DedupPartition:
 
 
 def start_partitions(cfg: FilterConfig, run_uri: str, parts: list[str], partitions: int,
-                     pairs_dir: str = SHARDS_DIR) -> list:
+                     index_dir: str = SHARDS_DIR) -> list:
     """Start the partition actors and load the committed state into them (in parallel)."""
     import ray
 
     actor = ray.remote(num_cpus=0)(DedupPartition)
     handles = [actor.remote(i, partitions, cfg.clip_hash_max_distance) for i in range(partitions)]
-    loaded = ray.get([h.load.remote(run_uri, parts, list(cfg.sources), pairs_dir) for h in handles])
+    loaded = ray.get([h.load.remote(run_uri, parts, list(cfg.sources), index_dir) for h in handles])
     log.info("dataset dedup: %d partitions, %d committed clip keys loaded", partitions, sum(loaded))
     return handles
 
@@ -189,12 +179,12 @@ def instruction_cap(batch: pa.Table, cfg: dict, actors: list) -> pa.Table:
 
 
 def dedup_stages(cfg: FilterConfig, run_uri: str, parts: list[str], partitions: int = 2,
-                 batch_videos: int = 4, pairs_dir: str = SHARDS_DIR) -> tuple[list, list]:
+                 batch_videos: int = 4, index_dir: str = SHARDS_DIR) -> tuple[list, list]:
     """(stages before the LLM stages, stages after the filter) as `(fn, map_batches options)`; `parts` are
-    the committed parts whose clips and instructions (in `pairs_dir`) count as already in the dataset."""
+    the committed parts whose clips and instructions (indexes in `index_dir`) count as already in the dataset."""
     if not cfg.drop_duplicate_clips and cfg.dataset_max_instruction_repeats is None:
         return [], []
-    actors = start_partitions(cfg, run_uri, parts, partitions, pairs_dir)
+    actors = start_partitions(cfg, run_uri, parts, partitions, index_dir)
     common = {"batch_size": batch_videos, "batch_format": "pyarrow", **RESOURCES}
     kwargs = {"cfg": cfg.model_dump(mode="json"), "actors": actors}
     before = [(clip_dedup, {**common, "fn_kwargs": kwargs})] if cfg.drop_duplicate_clips else []

@@ -166,8 +166,9 @@ def test_frame_hash_distances():
 def test_dataset_dedup_of_an_annotation_version_caps_instructions_drops_repeated_clips_and_resumes(tmp_path,
                                                                                                   ray_local):
     """`hicom caption` runs the build's Ray dedup stages; its committed state is the version's own parts."""
+    from schemas.index import CLIP_SCHEMA, PAIR_SCHEMA, clip_row, pair_rows
     from stages import dedup_ray
-    from stages.shard import FAILURE_SCHEMA, PAIR_SCHEMA, PartWriter, failure_row, pair_rows, write_table
+    from stages.shard import write_table
     from stages.storage import Storage
 
     cfg, version, question = FilterConfig(dataset_max_instruction_repeats=2), "annotations/v1", "What does the man throw?"
@@ -183,7 +184,7 @@ def test_dataset_dedup_of_an_annotation_version_caps_instructions_drops_repeated
     def dedup_all(results, actors):
         return dedup_ray._instruction_cap(dedup_ray._clip_dedup(results, cfg, actors), cfg, actors)
 
-    actors = dedup_ray.start_partitions(cfg, str(tmp_path), [], 2, pairs_dir=version)
+    actors = dedup_ray.start_partitions(cfg, str(tmp_path), [], 2, index_dir=version)
     results = dedup_all([video(0), video(1), video(2)], actors)
     assert [(f.stage, f.reason) for f in results[2].failures] == [("dedup", reasons.OVERUSED_INSTRUCTION)]
     assert not results[0].failures and not results[1].failures
@@ -191,17 +192,16 @@ def test_dataset_dedup_of_an_annotation_version_caps_instructions_drops_repeated
     copy.samples[0] = copy.samples[0].model_copy(update={"frames": list(results[0].samples[0].frames)})
     copied = dedup_all([copy], actors)[0]
     assert not copied.samples and copied.failures[0].reason == reasons.DUPLICATE_CLIP
-    # resume: v0 and v2 committed (v1 never was), and v7, whose clip the version dropped as a duplicate
-    run, committed, dropped = Storage.from_uri(tmp_path), [results[0], results[2]], video(7)
-    PartWriter(run, signature_frames=cfg.clip_hash_frames).write("part-a", [*committed, dropped])
-    dedup.drop_clip(dropped, dropped.samples[0], "near-duplicate")
+    # resume: v0 and v2 committed (v1 never was), as `hicom caption` commits a part: its clips and pairs indexes
+    run, committed = Storage.from_uri(tmp_path), [results[0], results[2]]
+    write_table(run, f"{version}/part-a.clips.parquet", [clip_row(s, "part-a", dedup.clip_signature(
+        s.frames, cfg.clip_hash_frames)) for r in committed for s in r.samples], CLIP_SCHEMA)
     write_table(run, f"{version}/part-a.pairs.parquet",
                 [row for r in committed for s in r.samples for row in pair_rows(s, "part-a")], PAIR_SCHEMA)
-    write_table(run, f"{version}/part-a.failures.parquet",
-                [failure_row(f, "part-a") for r in [*committed, dropped] for f in r.failures], FAILURE_SCHEMA)
-    resumed = dedup_ray.start_partitions(cfg, str(tmp_path), ["part-a"], 3, pairs_dir=version)
+    resumed = dedup_ray.start_partitions(cfg, str(tmp_path), ["part-a"], 3, index_dir=version)
     again = dedup_all([video(4), video(5)], resumed)  # v0's one committed instruction counts: v4 is the second
     assert not again[0].failures and [f.reason for f in again[1].failures] == [reasons.OVERUSED_INSTRUCTION]
-    v8 = make_result("v8", ["The footage of v7 again."])
-    v8.samples[0] = v8.samples[0].model_copy(update={"frames": list(video(7).samples[0].frames)})
-    assert dedup_all([v8], resumed)[0].samples  # a clip the version dropped is not in its index
+    copy = make_result("v8", ["The footage of v2 again."])
+    copy.samples[0] = copy.samples[0].model_copy(update={"frames": list(results[2].samples[0].frames)})
+    dropped = dedup_all([copy], resumed)[0]  # a clip of the committed part is in the reloaded index
+    assert not dropped.samples and {f.reason for f in dropped.failures} == {reasons.DUPLICATE_CLIP}
