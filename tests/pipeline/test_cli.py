@@ -144,7 +144,7 @@ def test_build_terminal_shows_only_the_projects_lines(tmp_path, stub):
     (tmp_path / "manifest.csv").write_text("path,caption\nvideos/a.mp4,A colourful test pattern with a counter.\n")
     run = tmp_path / "run"
     proc = hicom("build", "configs/demo.yaml", "--input", str(tmp_path / "manifest.csv"), "--out", str(run),
-                 "--set", "captioning.embedded_server.enabled=false", "--set", "clip.num_frames=4",
+                 "--set", "captioning.embedded_server.enabled=false", "--set", "clip.frames_per_clip=4",
                  "--set", f"captioning.instruct.endpoint.base_url={stub.base_url}")
     lines = proc.stderr.splitlines()
     assert any("hicom.progress: build: videos 1/1" in line for line in lines)
