@@ -18,17 +18,18 @@ from schemas.index import PartReceipt
 log = logging.getLogger("hicom.progress")
 
 
-def _eta(done: int, total: int, elapsed_s: float) -> str:
-    if not done or done >= total:
+def _eta(done: int, total: int | None, elapsed_s: float) -> str:
+    if not done or total is None or done >= total:
         return "-"
     seconds = int(elapsed_s / done * (total - done))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class BuildProgress:
-    """Feed it receipts; it shows videos done / total, clips, pairs, failures by stage, parts, ETA."""
+    """Feed it receipts; it shows videos done / total, clips, pairs, failures by stage, parts, ETA.
+    `total_videos` None: the input is still streaming, so counts show without a total or ETA."""
 
-    def __init__(self, total_videos: int, enabled: bool = True, interval_s: float = 10.0, stream=None):
+    def __init__(self, total_videos: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None):
         self.total = total_videos
         self.enabled = enabled
         self.interval_s = interval_s
@@ -44,7 +45,8 @@ class BuildProgress:
     def summary(self) -> str:
         c = self.counts
         failed = ", ".join(f"{stage} {n}" for stage, n in sorted(self.failed_by_stage.items()))
-        return (f"videos {c['videos']}/{self.total}, clips {c['clips']}, pairs {c['pairs']}, "
+        total = "" if self.total is None else f"/{self.total}"
+        return (f"videos {c['videos']}{total}, clips {c['clips']}, pairs {c['pairs']}, "
                 f"failures {c['failures']}{f' ({failed})' if failed else ''}, deferred {c['deferred']}, "
                 f"parts committed {c['parts']}")
 
