@@ -73,22 +73,21 @@ def stage_pipeline(cfg: RunConfig) -> tuple[list[tuple[RayStage, dict]], list[tu
     probe_stage = RayStage(probe.STAGE, probe.apply, cfg.probe)
     split_stage = RayStage(split.STAGE, split.apply, cfg.split)
     clip_stage = RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip)
-    pairs_stage = (RayStage(pairs.STAGE, pairs.apply, cfg.input), {})
+    # pairs declares clip+decode's resources so Ray fuses it into the same task (one task less per video)
+    clip_resources = {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}
+    pairs_stage = (RayStage(pairs.STAGE, pairs.apply, cfg.input), clip_resources)
     if remote_input(cfg.input):
         # One local copy per video (fetched, hashed, deleted) serves every FFmpeg step, so an object-store
         # source is not fanned out: each clip batch would download the whole file again.
         fetch = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes,
                          [probe_stage.run, split_stage.run, clip_stage.run])
-        return [(fetch, {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}), pairs_stage], []
+        return [(fetch, clip_resources), pairs_stage], []
     probe_and_hash = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes, [probe_stage.run])
     return [
         (probe_and_hash, {**probe.RESOURCES, **video, "concurrency": cfg.ray.probe_concurrency}),  # sha256 here
         (split_stage, {**split.RESOURCES, **video}),
         *[(stage, {**resources, **video}) for stage, resources in recipe_stages(cfg)],  # length -> keyframes
-    ], [
-        (clip_stage, {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}),
-        pairs_stage,
-    ]
+    ], [(clip_stage, clip_resources), pairs_stage]
 
 
 def _signature_frames(cfg: RunConfig) -> int:
