@@ -1,10 +1,13 @@
-"""Build: input -> probe -> split -> clip+decode -> pairs [-> dedup -> caption -> instruct -> filter] -> parts.
+"""Build: input -> probe -> split [-> fan out] -> clip+decode -> pairs [-> dedup -> caption -> instruct -> filter]
+-> parts.
 
-The driver coordinates; workers write. The driver ingests, reads the committed parts' markers, says what it
-will skip and why, and streams the pending videos through the stages on Ray Data. The last stage commits
-each batch of finished videos as a part on the run's storage (`stages/ray_adapter.CommitStage`) and
-returns a receipt; the driver only counts receipts. When the stream ends, Ray tasks compact the parts
-into full-size shards (`pipeline/compact.py`).
+The driver coordinates; workers write. The driver reads the committed parts' markers, says what it will skip
+and why, and streams the input through the stages on Ray Data: the input is listed and grouped by workers
+(`stages.ingest.input_dataset`), committed rows are dropped in the workers (`stages/resume_filter.py`), a long
+video is fanned out into clip batches that decode on several workers (`stages/fan_out.py`), and the last
+stage commits each batch of finished rows (videos, clip batches, ingest failures) as a part on the run's
+storage (`stages/ray_adapter.CommitStage`) and returns a receipt; the driver only counts receipts. When the
+stream ends, Ray tasks compact the parts into full-size shards (`pipeline/compact.py`).
 """
 from __future__ import annotations
 
@@ -19,17 +22,16 @@ from pipeline.category_select import select_by_category
 from pipeline.compact import compact, compact_group
 from pipeline.progress import BuildProgress
 from pipeline.recipe import recipe_stages
-from pipeline.resume import committed_parts, committed_state, scan_and_clean
+from pipeline.resume import CommittedState, committed_parts, committed_state, scan_and_clean
 from pipeline.run_dir import RunDirectory
 from schemas.config import RunConfig
 from schemas.index import PartMarker, PartReceipt
-from schemas.records import VideoRecord, VideoResult
-from stages import clip_decode, pairs, probe, split
+from schemas.records import VideoResult
+from stages import clip_decode, fan_out, pairs, probe, resume_filter, split
 from stages.ffmpeg_tools import check_binaries
-from stages.ingest import ingest, remote_input, run_local
-from stages.ray_adapter import RECEIPT_COLUMN, RayStage, commit_batch, to_row
+from stages.ingest import input_dataset, remote_input, run_local
+from stages.ray_adapter import RECEIPT_COLUMN, RayStage, commit_batch, from_row, to_row
 from stages.ray_runtime import VIDEO_WORKER, init_ray, video_task_resources
-from stages.shard import PartWriter, part_name_for
 from stages.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,9 @@ COMMIT_RESOURCES = {"num_cpus": 0.25}  # writing a part is I/O; it must not hold
 @dataclass
 class BuildReport:
     run_dir: Path | str
-    inputs_videos: int = 0
+    inputs_videos: int = 0  # committed before + processed now (the input is counted as it streams)
     inputs_failed_at_ingest: int = 0
-    skipped_committed: int = 0
+    skipped_committed: int = 0  # videos the markers already commit (skipped by the workers)
     processed_videos: int = 0
     new_clips: int = 0
     new_failures: int = 0
@@ -64,33 +66,28 @@ def _storage_error(run: str, detail: str) -> RunStorageError:
                            "(or fix the store) and rerun the same command to resume.")
 
 
-def _commit_failures_only(storage: Storage, name: str, results: list[VideoResult], loose=()) -> None:
-    """A part of failure rows only (no sample bytes), small enough for the driver to write itself."""
-    try:
-        PartWriter(storage).write(name, results, list(loose))
-    except OSError as exc:
-        raise _storage_error(storage.uri(), str(exc)) from exc
-
-
-def stage_pipeline(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
-    """The stages in order, each with the Ray resources it declares; FFmpeg stages ask for `video_worker`."""
+def stage_pipeline(cfg: RunConfig) -> tuple[list[tuple[RayStage, dict]], list[tuple[RayStage, dict]]]:
+    """The record-level stages in order, each with the Ray resources it declares (FFmpeg stages ask for
+    `video_worker`), as (before the fan-out, after it); the second list is empty when nothing fans out."""
     video = video_task_resources()
     probe_stage = RayStage(probe.STAGE, probe.apply, cfg.probe)
     split_stage = RayStage(split.STAGE, split.apply, cfg.split)
     clip_stage = RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip)
-    pairs_stage = (RayStage(pairs.STAGE, pairs.apply, cfg.input), {})
-    if remote_input(cfg.input):  # one local copy per video (fetched, hashed, deleted) serves every FFmpeg step
+    # pairs declares clip+decode's resources so Ray fuses it into the same task (one task less per video)
+    clip_resources = {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}
+    pairs_stage = (RayStage(pairs.STAGE, pairs.apply, cfg.input), clip_resources)
+    if remote_input(cfg.input):
+        # One local copy per video (fetched, hashed, deleted) serves every FFmpeg step, so an object-store
+        # source is not fanned out: each clip batch would download the whole file again.
         fetch = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes,
                          [probe_stage.run, split_stage.run, clip_stage.run])
-        return [(fetch, {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}), pairs_stage]
+        return [(fetch, clip_resources), pairs_stage], []
     probe_and_hash = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes, [probe_stage.run])
     return [
         (probe_and_hash, {**probe.RESOURCES, **video, "concurrency": cfg.ray.probe_concurrency}),  # sha256 here
         (split_stage, {**split.RESOURCES, **video}),
         *[(stage, {**resources, **video}) for stage, resources in recipe_stages(cfg)],  # length -> keyframes
-        (clip_stage, {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}),
-        pairs_stage,
-    ]
+    ], [(clip_stage, clip_resources), pairs_stage]
 
 
 def _signature_frames(cfg: RunConfig) -> int:
@@ -98,19 +95,39 @@ def _signature_frames(cfg: RunConfig) -> int:
     return cap.filter.clip_hash_frames if cap is not None and cap.enabled and cap.filter.drop_duplicate_clips else 0
 
 
-def run_stages_on_ray(cfg: RunConfig, storage: Storage, videos: list[VideoRecord],
-                      extra_stages=()) -> Iterator[PartReceipt]:
-    """Stream `videos` through the stages and the commit stage; yield one receipt per committed part.
-    `extra_stages` (dedup, captioning) are `(callable, map_batches options)` run after `pairs`."""
+def _options(resources: dict) -> dict:
+    return {k: v for k, v in resources.items() if v is not None}
+
+
+def pending_rows(cfg: RunConfig, state: CommittedState):
+    """The input as a Ray Dataset of rows not committed yet: listed, grouped and filtered by workers
+    (the driver holds only the committed ids it read from the markers)."""
+    return input_dataset(cfg.input).map_batches(
+        resume_filter.skip_committed, batch_format="pyarrow", **resume_filter.RESOURCES,
+        fn_kwargs={"videos": resume_filter.sorted_ids(state.video_ids),
+                   "loose": resume_filter.sorted_ids(state.loose_failure_ids)})
+
+
+def run_stages_on_ray(cfg: RunConfig, storage: Storage, rows, extra_stages=(),
+                      partial: dict[str, tuple[int, set[int]]] | None = None) -> Iterator[PartReceipt]:
+    """Stream `rows` (a Ray Dataset of `{"video_id", "state"}`) through the stages and the commit stage;
+    yield one receipt per committed part. `extra_stages` (dedup, captioning) are `(callable, map_batches
+    options)` run after `pairs`; `partial`: clip batches already committed (`CommittedState.partial`)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
-    rows = [to_row(VideoResult(video_id=v.id, source=v.relpath, video=v)) for v in videos]
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_BLOCKS))
-    for stage, resources in stage_pipeline(cfg):
-        ds = ds.map(stage, **{k: v for k, v in resources.items() if v is not None})
+    before, after = stage_pipeline(cfg)
+    ds = rows.repartition(target_num_rows_per_block=1)  # one video per task (streaming: no barrier)
+    for stage, resources in before:
+        ds = ds.map(stage, **_options(resources))
+    if after:
+        ds = ds.flat_map(fan_out.FanOutStage(cfg.clip.clips_per_task, partial),
+                         **_options({**fan_out.RESOURCES, **video_task_resources()}))
+        ds = ds.repartition(target_num_rows_per_block=1)  # each clip batch its own task, on any worker
+        for stage, resources in after:
+            ds = ds.map(stage, **_options(resources))
     for stage, options in extra_stages:
         ds = ds.map_batches(stage, **options)
     ds = ds.map_batches(commit_batch, batch_size=cfg.shard.videos_per_part, batch_format="pyarrow",
@@ -147,75 +164,105 @@ def total_counts(run: str | Path | Storage) -> dict:
             "pairs": sum(p.num_pairs for p in parts), "failures": sum(p.num_failures for p in parts)}
 
 
-def _announce(report: BuildReport, loose: int, previously_deferred: set[str], pending: list[VideoRecord]) -> None:
-    """What the build will skip and why, before it starts."""
-    log.info("plan: %d inputs: %d videos already committed (skipped), %d to process, %d failed at ingest "
-             "(%d new)", report.inputs_videos + report.inputs_failed_at_ingest, report.skipped_committed,
-             len(pending), report.inputs_failed_at_ingest, loose)
-    retried = sorted(previously_deferred & {v.id for v in pending})
+def _announce(state: CommittedState, previously_deferred: set[str]) -> None:
+    """What the build will skip and why, before it starts: from the markers and the run manifest only (the
+    input is listed by the workers as it streams, so the number to process is counted as it goes)."""
+    log.info("plan: %d videos already committed (skipped), %d ingest failures already committed (skipped); "
+             "the videos to process are counted as the input streams", len(state.video_ids),
+             len(state.loose_failure_ids))
+    if state.partial:
+        log.info("plan: %d long videos have %d of their clip batches committed: only the missing batches run",
+                 len(state.partial), sum(len(done) for _, done in state.partial.values()))
+    retried = sorted(previously_deferred - state.video_ids)
     if retried:
         log.info("plan: %d videos were deferred by an unavailable LLM endpoint last run and are retried now: %s",
                  len(retried), ", ".join(retried[:5]) + (" ..." if len(retried) > 5 else ""))
 
 
+def _listed(row: dict) -> dict:
+    result = from_row(row)
+    return {"relpath": result.source, "failed": result.video is None}
+
+
+def _dry_run(cfg: RunConfig, storage: Storage, report: BuildReport) -> BuildReport:
+    """List the input on Ray and say what a build would process (the relpaths are collected: they are printed)."""
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, None)
+    state = committed_state(storage)
+    for row in pending_rows(cfg, state).map(_listed).iter_rows():
+        if row["failed"]:
+            report.inputs_failed_at_ingest += 1
+        else:
+            report.pending.append(row["relpath"])
+    report.skipped_committed = len(state.video_ids)
+    report.inputs_videos = report.skipped_committed + len(report.pending)
+    report.inputs_failed_at_ingest += len(state.loose_failure_ids)
+    return report
+
+
+def _category_rows(cfg: RunConfig, local: Path, state: CommittedState):
+    """recipe.categories ranks every input video against all others, so this mode (only) collects the input
+    listing in the driver; the rows it returns are the kept videos, the rejected ones (failed, committed by the
+    commit stage like any video) and the ingest failures not committed yet."""
+    import ray
+
+    results = [from_row(r) for r in input_dataset(cfg.input).iter_rows()]
+    videos = [r.video for r in results if r.video is not None]
+    pending = [v for v in videos if v.id not in state.video_ids]
+    keep, rejected = select_by_category(cfg, local, videos, pending)
+    rows = [to_row(VideoResult(video_id=v.id, source=v.relpath, video=v)) for v in keep]
+    rows += [to_row(r) for r in rejected]
+    rows += [to_row(r) for r in results if r.video is None and r.video_id not in state.loose_failure_ids]
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), _MAX_BLOCKS)))
+
+
 def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: bool = True) -> BuildReport:
     """Run (or resume) a build into `run_dir` (a path or an object store URI). Rerunning the same config
-    skips committed videos; a kill loses only the videos in flight."""
+    skips committed videos; a kill loses only the videos (or clip batches) in flight."""
     started = time.time()
     check_binaries()
     storage = Storage.from_uri(run_dir)
     report = BuildReport(run_dir=Path(run_dir) if storage.is_local else storage.uri())
-    ingested = ingest(cfg.input.model_copy(update={"hash_files": False}))  # workers hash (run_local)
-    report.inputs_videos = len(ingested.videos)
-    report.inputs_failed_at_ingest = len(ingested.failures)
     if dry_run:
-        committed = committed_state(storage).video_ids
-        report.pending = [v.relpath for v in ingested.videos if v.id not in committed]
-        report.skipped_committed = report.inputs_videos - len(report.pending)
-        return report
+        return _dry_run(cfg, storage, report)
     run = RunDirectory(storage)
     previously_deferred = set(run.read_manifest().get("deferred_video_ids", []))
     run.open(cfg)
     state = scan_and_clean(storage)
-    pending = [v for v in ingested.videos if v.id not in state.video_ids]
-    loose = [f for f in ingested.failures if f.item_id not in state.loose_failure_ids]
-    report.skipped_committed = len(ingested.videos) - len(pending)
-    _announce(report, len(loose), previously_deferred, pending)
-    if loose:  # failures of no video
-        _commit_failures_only(storage, part_name_for(f.item_id for f in loose), [], loose)
-        report.new_failures += len(loose)
+    report.skipped_committed = len(state.video_ids)
+    _announce(state, previously_deferred)
     local = storage.local_path()
-    if pending and cfg.recipe is not None and cfg.recipe.categories is not None:
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, local / "logs" / "hicom.log" if local else None)
+    if cfg.ray.address:
+        _check_placement(cfg)
+    if cfg.recipe is not None and cfg.recipe.categories is not None:
         if local is None:
             raise ValueError("recipe.categories needs a local run directory (its scoring pass writes local parquet)")
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, local / "logs" / "hicom.log")
-        pending, rejected = select_by_category(cfg, local, ingested.videos, pending)
-        if rejected:
-            _commit_failures_only(storage, part_name_for(r.video_id for r in rejected), rejected)
-            report.new_failures += sum(len(r.failures) for r in rejected)
-    if pending:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, local / "logs" / "hicom.log" if local else None)
-        if cfg.ray.address:
-            _check_placement(cfg)
-        display = BuildProgress(len(pending), enabled=progress)
-        try:  # the display's periodic line stops with the build, whichever way it ends
-            with captioning_session(cfg, report.run_dir, state.parts) as captioning:
-                for receipt in run_stages_on_ray(cfg, storage, pending, captioning.stages):
-                    if receipt.storage_error:
-                        raise _storage_error(storage.uri(), receipt.storage_error)
-                    if receipt.stop_reason:  # an endpoint rejected a request: the video was not committed
-                        raise endpoint_stopped(receipt.stop_reason)
-                    display.update(receipt)
-                    report.deferred += receipt.deferred
-                    report.processed_videos += receipt.num_videos
-                    report.new_clips += receipt.num_clips
-                    report.new_failures += receipt.num_failures
-                    if receipt.part:
-                        report.parts.append(receipt.part)
-                        report.writer_nodes.add(receipt.writer_node_id or "")
-                report.llm_usage = captioning.usage()
-        finally:
-            display.close()
+        rows = _category_rows(cfg, local, state)
+    else:
+        rows = pending_rows(cfg, state)
+    display = BuildProgress(None, enabled=progress)  # the total is unknown while the input streams
+    try:  # the display's periodic line stops with the build, whichever way it ends
+        with captioning_session(cfg, report.run_dir, state.parts) as captioning:
+            for receipt in run_stages_on_ray(cfg, storage, rows, captioning.stages, state.partial):
+                if receipt.storage_error:
+                    raise _storage_error(storage.uri(), receipt.storage_error)
+                if receipt.stop_reason:  # an endpoint rejected a request: the video was not committed
+                    raise endpoint_stopped(receipt.stop_reason)
+                display.update(receipt)
+                report.deferred += receipt.deferred
+                report.processed_videos += receipt.num_videos
+                report.inputs_failed_at_ingest += receipt.num_loose_failures
+                report.new_clips += receipt.num_clips
+                report.new_failures += receipt.num_failures
+                if receipt.part:
+                    report.parts.append(receipt.part)
+                    report.writer_nodes.add(receipt.writer_node_id or "")
+            report.llm_usage = captioning.usage()
+    finally:
+        display.close()
+    report.deferred = sorted(set(report.deferred))  # a fanned-out video may be deferred by several batches
+    report.inputs_videos = report.skipped_committed + report.processed_videos + len(report.deferred)
+    report.inputs_failed_at_ingest += len(state.loose_failure_ids)
     if cfg.shard.compact:  # also compacts parts a killed run committed
         try:
             compact(storage, cfg.shard, lambda st, groups: compact_on_ray(cfg, st, groups))

@@ -98,6 +98,7 @@ def compact_group(storage: Storage, name: str, parts: list[PartMarker], writer_n
         tar_bytes=sum(m.tar_bytes for m in parts), failures_by_reason=dict(reasons), committed_at=time.time(),
         video_ids=[v for m in parts for v in m.video_ids],
         loose_failure_ids=[i for m in parts for i in m.loose_failure_ids],
+        batches=[b for m in parts for b in m.batches],
         writer_node_id=writer_node_id, replaces=[m.shard for m in parts])
     write_marker(storage, marker)
     for m in parts:  # the marker first: a part is gone for readers before any of its data is

@@ -26,8 +26,8 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _eta(done: int, total: int, elapsed_s: float) -> str:
-    if not done or done >= total:
+def _eta(done: int, total: int | None, elapsed_s: float) -> str:
+    if not done or total is None or done >= total:
         return "-"
     return _clock(elapsed_s / done * (total - done))
 
@@ -35,10 +35,11 @@ def _eta(done: int, total: int, elapsed_s: float) -> str:
 class BuildProgress:
     """Feed it receipts; it shows videos done / total, clips, pairs, failures by stage, parts, ETA.
 
-    A daemon thread writes the periodic line (or redraws the bar) until `close()`; receipts arrive on the
-    driver's thread, so counts are read and written under one lock."""
+    `total_videos` None: the input is still streaming, so counts show without a total or ETA. A daemon thread
+    writes the periodic line (or redraws the bar) until `close()`; receipts arrive on the driver's thread, so
+    counts are read and written under one lock."""
 
-    def __init__(self, total_videos: int, enabled: bool = True, interval_s: float = 10.0, stream=None):
+    def __init__(self, total_videos: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None):
         self.total = total_videos
         self.enabled = enabled
         self.interval_s = interval_s
@@ -61,7 +62,8 @@ class BuildProgress:
         with self._lock:
             c = self.counts.copy()
             failed = ", ".join(f"{stage} {n}" for stage, n in sorted(self.failed_by_stage.items()))
-        return (f"videos {c['videos']}/{self.total}, clips {c['clips']}, pairs {c['pairs']}, "
+        total = "" if self.total is None else f"/{self.total}"
+        return (f"videos {c['videos']}{total}, clips {c['clips']}, pairs {c['pairs']}, "
                 f"failures {c['failures']}{f' ({failed})' if failed else ''}, deferred {c['deferred']}, "
                 f"parts committed {c['parts']}")
 

@@ -65,9 +65,13 @@ def committed_tars(run: str | Path | Storage) -> list[str]:
 
 @dataclass
 class CommittedState:
+    """`video_ids`: videos committed whole (a fanned-out video once every one of its clip batches is);
+    `partial`: fanned-out videos with some batches committed, video id -> (batch count, committed indexes)."""
+
     parts: list[str] = field(default_factory=list)
     video_ids: set[str] = field(default_factory=set)
     loose_failure_ids: set[str] = field(default_factory=set)
+    partial: dict[str, tuple[int, set[int]]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
 
     @property
@@ -86,6 +90,16 @@ def committed_state(run: str | Path | Storage) -> CommittedState:
             log.warning("videos committed twice (kept both): %s", sorted(duplicated)[:5])
         state.video_ids.update(marker.video_ids)
         state.loose_failure_ids.update(marker.loose_failure_ids)
+        for video_id, index, count in marker.batches:
+            known, done = state.partial.setdefault(video_id, (count, set()))
+            if count != known or index in done:
+                log.warning("clip batch %d/%d of %s committed twice or with another count (kept both)", index,
+                            count, video_id)
+            done.add(index)
+    for video_id, (count, done) in list(state.partial.items()):
+        if len(done) >= count:  # every batch is committed: the video is
+            state.video_ids.add(video_id)
+            del state.partial[video_id]
     return state
 
 

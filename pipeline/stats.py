@@ -31,6 +31,14 @@ TABLES = {
     "videos": (SHARDS_DIR, ".videos.parquet", VIDEO_SCHEMA),
     "failures": (FAILURES_DIR, ".parquet", FAILURE_SCHEMA),
 }
+# One row per video: a video fanned out into clip batches has one row per committed batch (`batch_index`),
+# merged here into its batch-0 row with the batches' clip and failure counts summed.
+VIDEOS_VIEW = """
+CREATE VIEW videos AS SELECT * EXCLUDE (batch_index) REPLACE (
+    (sum(num_clips) OVER v)::INTEGER AS num_clips, (sum(num_failures) OVER v)::INTEGER AS num_failures,
+    CASE WHEN bool_or(status = 'ok') OVER v THEN 'ok' ELSE 'failed' END AS status)
+FROM video_rows WINDOW v AS (PARTITION BY video_id) QUALIFY coalesce(batch_index, 0) = 0
+"""
 # What user SQL may run: reads only (see the module docstring for why writes are refused by statement type).
 READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -96,7 +104,9 @@ def connect(run: str | Path | Storage, annotations: str | None = None) -> duckdb
     allowed: list[str] = []
     for table, (folder, suffix, schema) in _table_sources(storage, annotations).items():
         name = f"run_{table}" if annotations and table == "failures" else table
+        name = "video_rows" if table == "videos" else name
         allowed += _add_view(con, storage, name, _files(storage, folder, suffix, committed), schema)
+    con.execute(VIDEOS_VIEW)
     shards = [{"shard": p["shard"], "num_samples": p["num_samples"], "num_videos": p["num_videos"],
                "num_failures": p["num_failures"], "num_pairs": p.get("num_pairs", 0),
                "tar_bytes": p["tar_bytes"], "committed_at": p["committed_at"]} for p in parts]

@@ -92,6 +92,9 @@ class ClipConfig(_Config):
     mp4_crf: int = 23
     mp4_preset: str = "veryfast"
     stream_copy: bool = True  # copy instead of re-encode when a clip starts on a keyframe and fits
+    # A video with more planned clips than this is fanned out into batches of about this many clips that
+    # decode on several workers at once (a 2 h source is no longer one task holding ~450 MB of samples).
+    clips_per_task: int = Field(32, ge=1)
     clips_per_ffmpeg: int = Field(8, ge=1)  # clips cut by one FFmpeg process (decode once, bounded memory)
     ffmpeg_threads: int = 1  # threads per FFmpeg process; Ray runs one process per CPU
     timeout_s: float = 600.0  # per FFmpeg process

@@ -37,6 +37,9 @@ VIDEO_SCHEMA = pa.schema([
     ("writer_node_id", pa.string()),  # the Ray node whose worker wrote and committed the part
     # the recipe's keyframe and category stages (null when they did not run)
     ("keyframe_times_s", pa.list_(pa.float64())), ("category", pa.string()), ("category_score", pa.float64()),
+    # a video fanned out into clip batches has one row per batch (null when not fanned out); the stats
+    # `videos` view merges them into one row per video
+    ("batch_index", pa.int32()), ("num_batches", pa.int32()),
 ])
 FAILURE_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("video_id", pa.string()), ("shard", pa.string()), ("stage", pa.string()),
@@ -78,7 +81,9 @@ def video_row(result: VideoResult, shard: str, writer_node_id: str | None = None
             "rotation_deg": probe.rotation_deg if probe else None, "has_audio": probe.has_audio if probe else None,
             "node_id": result.node_id, "writer_node_id": writer_node_id,
             "keyframe_times_s": video.keyframe_times_s if video else None,
-            "category": video.category if video else None, "category_score": video.category_score if video else None}
+            "category": video.category if video else None, "category_score": video.category_score if video else None,
+            "batch_index": result.batch[0] if result.batch else None,
+            "num_batches": result.batch[1] if result.batch else None}
 
 
 def failure_row(failure: Failure, shard: str) -> dict:
@@ -101,6 +106,9 @@ class PartMarker(BaseModel):
     committed_at: float = 0.0
     video_ids: list[str] = Field(default_factory=list)
     loose_failure_ids: list[str] = Field(default_factory=list)  # failures of no video (ingest)
+    # clip batches of fanned-out videos: (video id, batch index, batch count); such a video is not in
+    # `video_ids`: it is committed once markers hold all of its batches
+    batches: list[tuple[str, int, int]] = Field(default_factory=list)
     writer_node_id: str | None = None
     replaces: list[str] = Field(default_factory=list)  # compaction: the parts this shard supersedes
 
@@ -113,6 +121,7 @@ class PartReceipt(BaseModel):
     num_clips: int = 0
     num_pairs: int = 0
     num_failures: int = 0
+    num_loose_failures: int = 0  # of `num_failures`: inputs that failed at ingest (no video)
     failed_by_stage: dict[str, int] = Field(default_factory=dict)
     deferred: list[str] = Field(default_factory=list)  # video ids not committed: an LLM endpoint was away
     writer_node_id: str | None = None

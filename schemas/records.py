@@ -168,6 +168,19 @@ class VideoResult(_Record):
     failures: list[Failure] = Field(default_factory=list)
     failed: bool = False  # a video-level failure: later stages skip it
     node_id: str | None = None  # the Ray node that decoded it (provenance for cluster runs)
+    # A long video fanned out into clip batches (`clip.clips_per_task`): (index, count) of this row's batch.
+    # Each batch commits on its own; the video is committed once all `count` batches are (pipeline/resume.py).
+    batch: tuple[int, int] | None = None
+
+    @property
+    def commit_id(self) -> str:
+        """What a part commits for this row: the video id, or `<video id>#<index>/<count>` for a batch."""
+        return self.video_id if self.batch is None else f"{self.video_id}#{self.batch[0]}/{self.batch[1]}"
+
+    @property
+    def counts_as_video(self) -> bool:
+        """Whether this row counts one video in part and receipt totals (a fanned-out video: its batch 0)."""
+        return self.batch is None or self.batch[0] == 0
 
     def fail_video(self, stage: str, reason: str, detail: str) -> "VideoResult":
         """Record a video-level failure: one per annotation sample when the video carries samples,

@@ -1,7 +1,8 @@
 """The thin layer between record-level stages and Ray Data rows, and the stage that commits parts.
 
 A row is one video's state: `{"video_id": str, "state": bytes}` where `state` is a pickled `VideoResult`.
-Keeping a video in one row keeps its clips together, so a video is committed whole or not at all.
+Keeping a video in one row keeps its clips together, so a video is committed whole or not at all; a long
+video fanned out into clip batches is one row per batch, each committed whole (`stages/fan_out.py`).
 `CommitStage`, the last stage, turns a batch of finished videos into one committed part on the run's storage
 and emits only a small receipt row: sample bytes never reach the driver.
 """
@@ -80,8 +81,10 @@ def stop_reason(result: VideoResult) -> str | None:
 
 
 class CommitStage:
-    """`map_batches` callable: commit a batch of finished videos as part `part-<hash of their ids>` (the same
-    name on a retry or rerun, so a retried task rewrites the same part) and return one receipt row."""
+    """`map_batches` callable: commit a batch of finished rows as part `part-<hash of their ids>` (the same
+    name on a retry or rerun, so a retried task rewrites the same part) and return one receipt row. A row is
+    a video, a clip batch of a fanned-out video (`stages/fan_out.py`), or an input that failed at ingest (no
+    video: committed as a loose failure, so ingest failures are exactly-once like everything else)."""
 
     def __init__(self, run_uri: str, signature_frames: int = 0):
         self.storage = Storage.from_uri(run_uri)
@@ -95,15 +98,17 @@ class CommitStage:
         receipt = PartReceipt(deferred=later, writer_node_id=node, stop_reason=stops[0] if stops else None)
         if not done:
             return receipt
-        name = part_name_for(r.video_id for r in done)
+        videos = [r for r in done if r.video is not None or r.batch is not None]
+        loose = [f for r in done if r.video is None and r.batch is None for f in r.failures]  # ingest failures
+        name = part_name_for(r.commit_id for r in done)
         try:
-            marker = PartWriter(self.storage, self.signature_frames, node).write(name, done)
+            marker = PartWriter(self.storage, self.signature_frames, node).write(name, videos, loose)
         except OSError as exc:  # nothing of this part is visible; the driver stops the run cleanly
             log.error("cannot commit %s: %s", name, exc)
             return receipt.model_copy(update={"storage_error": f"{type(exc).__name__}: {exc}"})
         return receipt.model_copy(update={
             "part": name, "num_videos": marker.num_videos, "num_clips": marker.num_samples,
-            "num_pairs": marker.num_pairs, "num_failures": marker.num_failures,
+            "num_pairs": marker.num_pairs, "num_failures": marker.num_failures, "num_loose_failures": len(loose),
             "failed_by_stage": dict(Counter(f.stage for r in done for f in r.failures))})
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -105,7 +105,8 @@ class PartWriter:
         return clip_signature(sample.frames, self.signature_frames)
 
     def write(self, name: str, results: list[VideoResult], loose: list[Failure] = ()) -> PartMarker:
-        """Commit `results` (whole videos) and `loose` failures (of no video) as part `name`."""
+        """Commit `results` (whole videos, or clip batches of fanned-out videos) and `loose` failures (of no
+        video) as part `name`. A fanned-out video counts in `num_videos` with its batch 0."""
         samples = [s for r in results for s in r.samples]
         if samples:
             with self.storage.open_write(f"{SHARDS_DIR}/{name}.tar") as f:
@@ -123,10 +124,11 @@ class PartWriter:
         write_table(self.storage, f"{FAILURES_DIR}/{name}.parquet", [failure_row(f, name) for f in failures],
                     FAILURE_SCHEMA)
         marker = PartMarker(
-            shard=name, num_samples=len(samples), num_videos=len(results), num_failures=len(failures),
-            num_pairs=len(rows["pairs"]), tar_bytes=sum(sample_bytes(s) for s in samples),
+            shard=name, num_samples=len(samples), num_videos=sum(r.counts_as_video for r in results),
+            num_failures=len(failures), num_pairs=len(rows["pairs"]), tar_bytes=sum(sample_bytes(s) for s in samples),
             failures_by_reason=dict(Counter(f.reason for f in failures)), committed_at=time.time(),
-            video_ids=[r.video_id for r in results], loose_failure_ids=[f.item_id for f in loose],
+            video_ids=[r.video_id for r in results if r.batch is None], loose_failure_ids=[f.item_id for f in loose],
+            batches=[(r.video_id, *r.batch) for r in results if r.batch is not None],
             writer_node_id=self.writer_node_id)
         write_marker(self.storage, marker)
         log.debug("committed %s: %d clips, %d videos, %d failures", name, marker.num_samples, marker.num_videos,

@@ -16,7 +16,8 @@ from pipeline.build import RunStorageError, build
 from pipeline.resume import committed_parts
 from schemas.config import RunConfig
 
-CFG = {"split": {"mode": "fixed", "window_s": 1.0, "stride_s": 1.0}, "clip": {"frames_per_clip": 4},
+# clips_per_task 3: the 9 s video fans out into 3 clip batches, so every fault also hits a fanned-out video
+CFG = {"split": {"mode": "fixed", "window_s": 1.0, "stride_s": 1.0}, "clip": {"frames_per_clip": 4, "clips_per_task": 3},
        "shard": {"max_samples": 3, "videos_per_part": 2}, "ray": {"num_cpus": 2}}
 
 
@@ -25,6 +26,7 @@ def videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fault-videos")
     for i in range(8):
         make_test_video(folder / f"v{i}.mp4", seconds=3.0, size=f"{256 + 16 * i}x144")
+    make_test_video(folder / "long.mp4", seconds=9.0, size="320x176")
     return folder
 
 
@@ -33,7 +35,7 @@ def reference(videos, tmp_path_factory, ray_local):
     run = tmp_path_factory.mktemp("fault-ref") / "run"
     build(RunConfig.model_validate({**CFG, "input": {"path": str(videos)}}), run, progress=False)
     contents = shard_contents(run)
-    assert len(contents) == 24
+    assert len(contents) == 24 + 9
     return contents
 
 
