@@ -177,11 +177,11 @@ def _cmd_caption(args) -> int:
         raise ValueError("no `captioning:` section in the config")
     overrides = {key.removeprefix("captioning."): value for key, value in parse_set_options(args.set).items()}
     section = apply_overrides(section, overrides)
-    from stages.ray_runtime import init_ray, native_stderr_to
+    from stages.ray_runtime import init_ray, ray_output_to
 
     cap = CaptioningConfig.model_validate(section)
     log_file = run_dir / "logs" / "hicom.log"
-    with native_stderr_to(log_file):  # Ray's own lines to the run's log, as in a build
+    with ray_output_to(log_file):  # Ray's own lines to the run's log, as in a build
         ray_cfg = RunConfig(captioning=cap).ray
         init_ray(ray_cfg.address, ray_cfg.num_cpus, log_file)
         report = run_caption(run_dir, cap, args.version, progress=not args.no_progress)

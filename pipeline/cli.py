@@ -77,7 +77,7 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     from pipeline.build import build
     from pipeline.captioning import CaptioningStopped
     from schemas.config import load_run_config
-    from stages.ray_runtime import native_stderr_to
+    from stages.ray_runtime import ray_output_to
 
     overrides = {**parse_set_options(args.set), **overrides}
     if args.address:
@@ -93,7 +93,7 @@ def _build_with(args, overrides: dict, out: str | None) -> int:
     _setup_logging(None if args.dry_run else local_dir, args.verbose)
     log_file = local_dir / "logs" / "hicom.log" if local_dir is not None and not args.dry_run else None
     try:
-        with native_stderr_to(log_file):  # Ray's C++ lines to the run's log, not between the progress lines
+        with ray_output_to(log_file):  # Ray's lines to the run's log, not between the progress lines
             report = build(cfg, run_dir, dry_run=args.dry_run, progress=not args.no_progress)
     except Exception as exc:
         # A start error leaves nothing behind; a run stopped by its endpoint keeps its log and manifest.

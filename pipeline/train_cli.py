@@ -62,10 +62,10 @@ def cmd_train(args) -> int:
     except ValidationError as exc:
         raise ValueError(f"{args.config}: " + "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())) from None
-    from stages.ray_runtime import native_stderr_to
+    from stages.ray_runtime import ray_output_to
 
     try:
-        with native_stderr_to(cfg.log_path):
+        with ray_output_to(cfg.log_path):
             summary = run_training(cfg, progress=not args.no_progress)
     except TrainerDied as exc:
         log.error("%s", exc)

@@ -5,7 +5,7 @@ cluster running on the machine), node IP 127.0.0.1, no dashboard, usage stats of
 look-up). Ray 2.60's GCS and raylet still listen on all interfaces; `tests/stages/test_ray_runtime.py` checks
 that no connection leaves the machine. Ray's own log lines go to
 the run's log file instead of the terminal, which shows the project's progress display only: its Python loggers
-by `route_ray_logs`, and what its C++ core writes to the driver's stderr by `native_stderr_to` (the CLI's).
+by `route_ray_logs`, and what its C++ core writes to the driver's stderr by `ray_output_to` (the CLI's).
 """
 from __future__ import annotations
 
@@ -102,16 +102,35 @@ def _start(ray, address: str | None, num_cpus: int | None, video_worker: bool) -
 
 
 @contextmanager
-def native_stderr_to(log_file: str | Path | None):
-    """While inside, what is written to file descriptor 2 below Python goes to `log_file`, and `sys.stderr`
-    (logging, the progress display) stays on the terminal. Ray's C++ core worker in the driver copies its
-    ERROR lines to fd 2 besides its own log file (e.g. "Actor ... has constructor arguments in the object
+def ray_output_to(log_file: str | Path | None):
+    """While inside, Ray's own output goes to `log_file`: what its driver prints on `sys.stdout` (errors the
+    cluster pushes, e.g. "(raylet) WARNING: 8 PYTHON worker processes have been started", printed from a
+    background thread; a command's stdout carries its report, JSON for `hicom caption`) and what is written
+    to file descriptor 2 below Python; `sys.stderr` (logging, the progress display) stays on the terminal.
+    A no-op without `log_file`."""
+    if log_file is None:
+        yield
+        return
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    old_stdout = sys.stdout
+    with open(log_file, "a", buffering=1, encoding="utf-8", errors="backslashreplace") as stream:
+        sys.stdout = stream
+        try:
+            with _native_stderr_to(log_file):
+                yield
+        finally:
+            sys.stdout = old_stdout
+
+
+@contextmanager
+def _native_stderr_to(log_file: str | Path):
+    """What is written to file descriptor 2 below Python goes to `log_file`; `sys.stderr` stays on the terminal.
+    Ray's C++ core worker in the driver copies its ERROR lines to fd 2 besides its own log file (e.g. "Actor ... has constructor arguments in the object
     store", which every Ray Data actor pool triggers: Ray Data puts the UDF in the object store and restarts
     actors by default), and no Ray option moves them. A Ray started inside is shut down before leaving, so
-    its exit lines land in the file too. A no-op without `log_file` or when `sys.stderr` is not fd 2 (a
-    test's capture)."""
+    its exit lines land in the file too. A no-op when `sys.stderr` is not fd 2 (a test's capture)."""
     try:
-        redirect = log_file is not None and sys.stderr.fileno() == 2
+        redirect = sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
         redirect = False
     if not redirect:
