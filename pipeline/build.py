@@ -166,9 +166,9 @@ def total_counts(run: str | Path | Storage) -> dict:
 
 def _announce(state: CommittedState, previously_deferred: set[str]) -> None:
     """What the build will skip and why, before it starts: from the markers and the run manifest only (the
-    input is listed by the workers as it streams, so the number to process is counted as it goes)."""
+    input is listed by the workers: the number to process is counted next, on them)."""
     log.info("plan: %d videos already committed (skipped), %d ingest failures already committed (skipped); "
-             "the videos to process are counted as the input streams", len(state.video_ids),
+             "the inputs to process are counted next, on the workers", len(state.video_ids),
              len(state.loose_failure_ids))
     if state.partial:
         log.info("plan: %d long videos have %d of their clip batches committed: only the missing batches run",
@@ -240,7 +240,11 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
         rows = _category_rows(cfg, local, state)
     else:
         rows = pending_rows(cfg, state)
-    display = BuildProgress(None, enabled=progress)  # the total is unknown while the input streams
+    # One listing pass on the workers (the driver gets one number) for the plan and the ETA; the build lists
+    # the input again as it streams.
+    total = rows.count()
+    log.info("plan: %d inputs to process (videos not committed yet, and ingest failures not recorded yet)", total)
+    display = BuildProgress(total, enabled=progress)
     try:  # the display's periodic line stops with the build, whichever way it ends
         with captioning_session(cfg, report.run_dir, state.parts) as captioning:
             for receipt in run_stages_on_ray(cfg, storage, rows, captioning.stages, state.partial):

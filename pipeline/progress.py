@@ -1,6 +1,6 @@
 """The build's one progress display: live counts from the workers' receipts.
 
-On a terminal: one tqdm bar over videos with clips, pairs, failures (by the project's stage names) and parts
+On a terminal: one tqdm bar over inputs (videos and ingest failures) with clips, pairs, failures (by the project's stage names) and parts
 committed, plus tqdm's ETA, redrawn every second so its clock moves between receipts. Elsewhere (CI, `nohup`,
 a pipe): one plain line every `interval_s` seconds while the build runs, receipts or not, and a last one at the
 end, so logs stay readable and a long wait for the first part is not silence.
@@ -33,14 +33,15 @@ def _eta(done: int, total: int | None, elapsed_s: float) -> str:
 
 
 class BuildProgress:
-    """Feed it receipts; it shows videos done / total, clips, pairs, failures by stage, parts, ETA.
+    """Feed it receipts; it shows inputs done / total (videos and ingest failures), clips, pairs, failures by
+    stage, parts, ETA.
 
-    `total_videos` None: the input is still streaming, so counts show without a total or ETA. A daemon thread
+    `total_inputs` None: not counted, so counts show without a total or ETA. A daemon thread
     writes the periodic line (or redraws the bar) until `close()`; receipts arrive on the driver's thread, so
     counts are read and written under one lock."""
 
-    def __init__(self, total_videos: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None):
-        self.total = total_videos
+    def __init__(self, total_inputs: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None):
+        self.total = total_inputs
         self.enabled = enabled
         self.interval_s = interval_s
         self.stream = stream or sys.stderr
@@ -50,7 +51,7 @@ class BuildProgress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total_videos, desc="build", unit="video", file=self.stream, dynamic_ncols=True,
+        self.bar = tqdm(total=total_inputs, desc="build", unit="input", file=self.stream, dynamic_ncols=True,
                         disable=not tty) if tty else None
         self._ticker = None
         if enabled:
@@ -63,14 +64,14 @@ class BuildProgress:
             c = self.counts.copy()
             failed = ", ".join(f"{stage} {n}" for stage, n in sorted(self.failed_by_stage.items()))
         total = "" if self.total is None else f"/{self.total}"
-        return (f"videos {c['videos']}{total}, clips {c['clips']}, pairs {c['pairs']}, "
+        return (f"inputs {c['inputs']}{total}, clips {c['clips']}, pairs {c['pairs']}, "
                 f"failures {c['failures']}{f' ({failed})' if failed else ''}, deferred {c['deferred']}, "
                 f"parts committed {c['parts']}")
 
     def update(self, receipt: PartReceipt) -> None:
-        done = receipt.num_videos + len(receipt.deferred)
+        done = receipt.num_videos + len(receipt.deferred) + receipt.num_loose_failures
         with self._lock:
-            self.counts.update(videos=done, clips=receipt.num_clips, pairs=receipt.num_pairs,
+            self.counts.update(inputs=done, clips=receipt.num_clips, pairs=receipt.num_pairs,
                                failures=receipt.num_failures, deferred=len(receipt.deferred),
                                parts=1 if receipt.part else 0)
             self.failed_by_stage.update(receipt.failed_by_stage)
@@ -83,8 +84,8 @@ class BuildProgress:
     def _line(self) -> None:
         elapsed = time.monotonic() - self.started
         with self._lock:
-            videos = self.counts["videos"]
-        log.info("build: %s, %s elapsed, ETA %s", self.summary(), _clock(elapsed), _eta(videos, self.total, elapsed))
+            done = self.counts["inputs"]
+        log.info("build: %s, %s elapsed, ETA %s", self.summary(), _clock(elapsed), _eta(done, self.total, elapsed))
 
     def _tick(self, period: float) -> None:
         while not self._stop.wait(period):

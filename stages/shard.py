@@ -23,7 +23,6 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from schemas.index import (CLIP_SCHEMA, FAILURE_SCHEMA, PAIR_SCHEMA, VIDEO_SCHEMA, PartMarker, clip_row,
                            failure_row, pair_rows, video_row)
@@ -109,6 +108,9 @@ class PartWriter:
         video) as part `name`. A fanned-out video counts in `num_videos` with its batch 0."""
         samples = [s for r in results for s in r.samples]
         if samples:
+            import webdataset as wds  # here, not at the top: it imports torch (~2 s in every Ray worker that
+            # only runs a stage and never writes a tar)
+
             with self.storage.open_write(f"{SHARDS_DIR}/{name}.tar") as f:
                 tar = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME)
                 for sample in samples:

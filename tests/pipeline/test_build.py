@@ -60,6 +60,7 @@ def test_rerun_skips_committed_work(sample_run, caplog):
     with caplog.at_level("INFO", logger="pipeline.build"):
         again = build(cfg, run_dir, progress=False)
     assert "plan: 4 videos already committed (skipped)" in caplog.text  # said before it starts
+    assert "plan: 0 inputs to process" in caplog.text  # counted on the workers: every input is committed
     assert again.processed_videos == 0 and again.skipped_committed == 4
     assert again.counts == first.counts
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "shards").iterdir()) == before

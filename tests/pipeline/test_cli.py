@@ -147,7 +147,7 @@ def test_build_terminal_shows_only_the_projects_lines(tmp_path, stub):
                  "--set", "captioning.embedded_server.enabled=false", "--set", "clip.frames_per_clip=4",
                  "--set", f"captioning.instruct.endpoint.base_url={stub.base_url}")
     lines = proc.stderr.splitlines()
-    assert any("hicom.progress: build: videos 1/1" in line for line in lines)
+    assert any("hicom.progress: build: inputs 1/1, clips" in line for line in lines)
     caption = hicom("caption", str(run), "--version", "v2")  # the same actor pools, on the run's clips
     for stderr in (proc.stderr, caption.stderr):
         lines = stderr.splitlines()

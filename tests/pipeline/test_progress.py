@@ -20,7 +20,7 @@ def test_non_tty_progress_is_one_line_per_interval_with_live_counts(caplog):
         display.close()  # twice: still one last line
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and stream.getvalue() == ""
-    assert lines[0].startswith("build: videos 5/10, clips 12, pairs 18, failures 2 (probe 2), deferred 1, "
+    assert lines[0].startswith("build: inputs 5/10, clips 12, pairs 18, failures 2 (probe 2), deferred 1, "
                                "parts committed 2 in ")
 
 
@@ -35,8 +35,8 @@ def test_non_tty_lines_come_every_interval_without_receipts_and_stop_at_close(ca
         time.sleep(0.3)
     lines = [r.getMessage() for r in caplog.records]
     periodic = [line for line in lines if "elapsed, ETA" in line]
-    assert len(periodic) >= 4 and periodic[0].startswith("build: videos 0/4, clips 0")
-    assert any(re.match(r"build: videos 1/4, clips 3, .* \d+m\d\ds elapsed, ETA \d+m\d\ds$", line) for line in periodic)
+    assert len(periodic) >= 4 and periodic[0].startswith("build: inputs 0/4, clips 0")
+    assert any(re.match(r"build: inputs 1/4, clips 3, .* \d+m\d\ds elapsed, ETA \d+m\d\ds$", line) for line in periodic)
     assert len(lines) == closed and " in " in lines[-1] and "elapsed" not in lines[-1]  # nothing after close
 
 
