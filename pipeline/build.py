@@ -108,16 +108,21 @@ def pending_rows(cfg: RunConfig, state: CommittedState):
                    "loose": resume_filter.sorted_ids(state.loose_failure_ids)})
 
 
-def run_stages_on_ray(cfg: RunConfig, storage: Storage, rows, extra_stages=(),
-                      partial: dict[str, tuple[int, set[int]]] | None = None) -> Iterator[PartReceipt]:
-    """Stream `rows` (a Ray Dataset of `{"video_id", "state"}`) through the stages and the commit stage;
-    yield one receipt per committed part. `extra_stages` (dedup, captioning) are `(callable, map_batches
-    options)` run after `pairs`; `partial`: clip batches already committed (`CommittedState.partial`)."""
+def configure_ray_data(cfg: RunConfig) -> None:
+    """The build's Ray Data execution options. A Dataset copies the current DataContext when it is created, so
+    this runs before the first one (the input listing) exists; set later, the options would not reach it."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
+
+
+def run_stages_on_ray(cfg: RunConfig, storage: Storage, rows, extra_stages=(),
+                      partial: dict[str, tuple[int, set[int]]] | None = None) -> Iterator[PartReceipt]:
+    """Stream `rows` (a Ray Dataset of `{"video_id", "state"}`) through the stages and the commit stage;
+    yield one receipt per committed part. `extra_stages` (dedup, captioning) are `(callable, map_batches
+    options)` run after `pairs`; `partial`: clip batches already committed (`CommittedState.partial`)."""
     before, after = stage_pipeline(cfg)
     ds = rows.repartition(target_num_rows_per_block=1)  # one video per task (streaming: no barrier)
     for stage, resources in before:
@@ -187,6 +192,7 @@ def _listed(row: dict) -> dict:
 def _dry_run(cfg: RunConfig, storage: Storage, report: BuildReport) -> BuildReport:
     """List the input on Ray and say what a build would process (the relpaths are collected: they are printed)."""
     init_ray(cfg.ray.address, cfg.ray.num_cpus, None)
+    configure_ray_data(cfg)
     state = committed_state(storage)
     for row in pending_rows(cfg, state).map(_listed).iter_rows():
         if row["failed"]:
@@ -234,14 +240,15 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     init_ray(cfg.ray.address, cfg.ray.num_cpus, local / "logs" / "hicom.log" if local else None)
     if cfg.ray.address:
         _check_placement(cfg)
+    configure_ray_data(cfg)
     if cfg.recipe is not None and cfg.recipe.categories is not None:
         if local is None:
             raise ValueError("recipe.categories needs a local run directory (its scoring pass writes local parquet)")
         rows = _category_rows(cfg, local, state)
     else:
-        rows = pending_rows(cfg, state)
-    # One listing pass on the workers (the driver gets one number) for the plan and the ETA; the build lists
-    # the input again as it streams.
+        # Listed once, by the workers, into the object store (grouping by source is a barrier anyway): the
+        # driver gets only the row count, for the plan and the ETA, and the stages stream from these blocks.
+        rows = pending_rows(cfg, state).materialize()
     total = rows.count()
     log.info("plan: %d inputs to process (videos not committed yet, and ingest failures not recorded yet)", total)
     display = BuildProgress(total, enabled=progress)

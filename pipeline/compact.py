@@ -124,6 +124,7 @@ def compact(run: str | Path | Storage, cfg: ShardConfig,
     groups = list(_groups(storage, cfg))
     if not groups:
         return []
+    log.info("compacting %d parts into %d shards", sum(len(p) for _, p in groups), len(groups))
     if run_groups is not None:
         done = run_groups(storage, groups)
     else:

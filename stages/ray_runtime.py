@@ -75,10 +75,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         return
     # ray.init(configure_logging=False) clears the "ray" logger's handlers first thing, so what Ray logs during
     # its start (e.g. "Token authentication is enabled ...") would reach logging.lastResort, i.e. the terminal:
-    # during the start the last resort is the log file, and the handlers are routed again after.
+    # during the start the last resort is the log file, and the handlers are routed again after. Without a log
+    # file (a dry run, a bench) the start's notices are dropped and only its errors reach the terminal.
     last_resort = logging.lastResort
-    if log_file is not None:
-        logging.lastResort = logging.getLogger("ray").handlers[0]
+    logging.lastResort = logging.getLogger("ray").handlers[0] if log_file is not None else _errors_only()
     try:
         _start(ray, address, num_cpus, video_worker)
     finally:
@@ -86,6 +86,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
     route_ray_logs(log_file)
     quiet_ray_data()
     log.info("ray: %s", "joined " + address if address else "private local Ray (no dashboard, usage stats off)")
+
+
+def _errors_only() -> logging.Handler:
+    handler = logging.StreamHandler()  # sys.stderr when it logs, as logging.lastResort does
+    handler.setLevel(logging.ERROR)
+    return handler
 
 
 def _start(ray, address: str | None, num_cpus: int | None, video_worker: bool) -> None:

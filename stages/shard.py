@@ -15,8 +15,10 @@ every rerun and node); `pipeline/compact.py` merges them into full-size `shard-N
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -29,7 +31,7 @@ from schemas.index import (CLIP_SCHEMA, FAILURE_SCHEMA, PAIR_SCHEMA, VIDEO_SCHEM
 
 # Re-exported for readers that still import them from here; `schemas.index` is their home.
 __all__ = ["CLIP_SCHEMA", "FAILURE_SCHEMA", "PAIR_SCHEMA", "VIDEO_SCHEMA", "failure_row", "pair_rows",
-           "PartWriter", "part_name_for", "shard_name", "part_files", "to_wds", "frame_member"]
+           "PartWriter", "part_name_for", "shard_name", "part_files", "to_wds", "frame_member", "write_tar"]
 from schemas.records import Failure, ShardSample, VideoResult
 from stages.storage import Storage
 
@@ -39,6 +41,7 @@ SHARDS_DIR = "shards"
 FAILURES_DIR = "failures"
 MARKER_SUFFIX = ".stats.json"
 TAR_MTIME = 0.0  # fixed so the same samples give byte-identical tars
+TAR_OWNER = "bigdata"  # webdataset's TarWriter default
 INDEX_FILES = {"clips": CLIP_SCHEMA, "pairs": PAIR_SCHEMA, "videos": VIDEO_SCHEMA}
 
 
@@ -72,6 +75,21 @@ def to_wds(sample: ShardSample) -> dict:
     if sample.mp4 is not None:
         entry["mp4"] = sample.mp4
     return entry
+
+
+def write_tar(f, samples: Iterable[ShardSample]) -> None:
+    """`samples` as a WebDataset tar on the writable stream `f`: the bytes `webdataset.TarWriter(f,
+    encoder=False, mtime=TAR_MTIME)` writes (members `KEY.EXT` in sorted order, mode 0444, owner bigdata), with
+    the standard library only: importing webdataset imports torch, ~2 s in every Ray worker that commits."""
+    with tarfile.open(fileobj=f, mode="w|") as tar:
+        for sample in samples:
+            entry = to_wds(sample)
+            key = entry.pop("__key__")
+            for ext in sorted(entry):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(entry[ext]), TAR_MTIME, 0o444
+                info.uname = info.gname = TAR_OWNER
+                tar.addfile(info, io.BytesIO(entry[ext]))
 
 
 def sample_bytes(sample: ShardSample) -> int:
@@ -108,14 +126,8 @@ class PartWriter:
         video) as part `name`. A fanned-out video counts in `num_videos` with its batch 0."""
         samples = [s for r in results for s in r.samples]
         if samples:
-            import webdataset as wds  # here, not at the top: it imports torch (~2 s in every Ray worker that
-            # only runs a stage and never writes a tar)
-
             with self.storage.open_write(f"{SHARDS_DIR}/{name}.tar") as f:
-                tar = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME)
-                for sample in samples:
-                    tar.write(to_wds(sample))
-                tar.close()  # finishes the archive; the storage closes (commits) the file
+                write_tar(f, samples)  # the storage closes (commits) the file after the archive is finished
         keyframes = {r.video_id: r.video.keyframe_times_s if r.video else None for r in results}
         rows = {"clips": [clip_row(s, name, self._signature(s), keyframes.get(s.clip.video_id)) for s in samples],
                 "pairs": [row for s in samples for row in pair_rows(s, name)],
