@@ -6,9 +6,12 @@
 2. Recording pass (untimed): probe -> split -> clip+decode in this process, recording every FFmpeg/ffprobe
    command line the stages execute (clip+decode's are recorded, not run).
 3. Floor: the recorded commands, each in a fresh scratch folder, under `xargs -P WORKERS` (no Python, no Ray).
-4. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
-Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, and the driver's CPU seconds
-per committed clip (goal <= 1 ms: it bounds how many workers one driver can feed).
+4. Reference (informative): the same record stages (probe+hash, split, clip+decode, pairs) as one plain Ray task
+   per video, WORKERS at a time, nothing committed: what Ray and the stages' Python cost without Ray Data.
+5. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
+Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, CPU-seconds of the whole
+machine for each run (from /proc/stat: Linux only), and the driver's CPU seconds per committed clip (goal <= 1
+ms: it bounds how many workers one driver can feed).
 """
 from __future__ import annotations
 
@@ -97,6 +100,35 @@ def floor_seconds(commands: list[list[str]], workers: int, scratch: Path) -> flo
     return time.perf_counter() - start
 
 
+def machine_cpu_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (every process: FFmpeg, Ray's daemons, us)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")  # steal (the host's) not counted
+
+
+def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, float, int]:
+    """(wall s, machine CPU s, driver CPU s, clips): the build's record stages as one plain Ray task per video (no Ray Data, no
+    commit), `workers` at a time; one task runs first, untimed, so each worker process has imported them."""
+    import ray
+
+    from pipeline.build import stage_pipeline
+    from stages.ray_adapter import from_row, to_row
+
+    before, after = stage_pipeline(cfg)
+
+    def run_stages(row: dict) -> int:
+        for stage, _ in before + after:
+            row = stage(row)
+        return len(from_row(row).samples)
+
+    task = ray.remote(num_cpus=1)(run_stages)
+    rows = [to_row(VideoResult(video_id=v.id, source=v.relpath, video=v)) for v in ingest(cfg.input).videos]
+    ray.get([task.remote(row) for row in rows[:workers]])
+    start, machine, cpu = time.perf_counter(), machine_cpu_s(), time.process_time()
+    clips = sum(ray.get([task.remote(row) for row in rows]))
+    return time.perf_counter() - start, machine_cpu_s() - machine, time.process_time() - cpu, clips
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=12)
@@ -116,18 +148,27 @@ def main() -> None:
                                                       "stride_s": args.clip_s},
             "ray": {"num_cpus": args.workers}})
         commands = record_commands(cfg)
+        machine = machine_cpu_s()
         floor = floor_seconds(commands, args.workers, work / "floor")
+        floor_cpu = machine_cpu_s() - machine
         start = time.perf_counter()
         init_ray(num_cpus=args.workers)
         ray_start = time.perf_counter() - start
-        cpu_before = time.process_time()
+        plain, plain_cpu, plain_driver, plain_clips = plain_tasks_seconds(cfg, args.workers)
+        machine, cpu_before = machine_cpu_s(), time.process_time()
         report = build(cfg, work / "run", progress=False)
         driver_cpu = time.process_time() - cpu_before
+        build_cpu = machine_cpu_s() - machine
         clips = report.counts["clips"]
         print(f"videos {report.inputs_videos}, clips {clips}, FFmpeg commands {len(commands)}, workers {args.workers}")
-        print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s")
-        print(f"hicom build (Ray already started): {report.seconds:.1f} s; Ray start-up: {ray_start:.1f} s")
-        print(f"ratio floor / build: {floor / report.seconds:.2f} (goal >= 0.9)")
+        print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s, machine CPU {floor_cpu:.1f} s")
+        print(f"plain Ray tasks, same stages, nothing committed: {plain:.1f} s, machine CPU {plain_cpu:.1f} s, "
+              f"{plain_clips} clips; driver CPU {plain_driver / max(plain_clips, 1) * 1e3:.2f} ms per clip; "
+              f"ratio floor / plain {floor / plain:.2f}")
+        print(f"hicom build (Ray already started): {report.seconds:.1f} s, machine CPU {build_cpu:.1f} s; "
+              f"Ray start-up: {ray_start:.1f} s")
+        print(f"ratio floor / build: {floor / report.seconds:.2f} (goal >= 0.9); plain / build: "
+              f"{plain / report.seconds:.2f}")
         print(f"driver CPU: {driver_cpu:.2f} s = {driver_cpu / max(clips, 1) * 1e3:.2f} ms per committed clip "
               "(goal <= 1 ms)")
     finally:
