@@ -228,7 +228,8 @@ def test_embedded_model_generates_pairs(tmp_path):
 
     cap = CaptioningConfig.model_validate({
         "instruct": {"pairs_per_clip": 2, "pairs_per_request": 1, "kinds": ["attribute", "temporal"],
-                     "endpoint": {"max_tokens": 160, "timeout_s": 120, "max_concurrency": 2, "max_retries": 2}},
+                     "endpoint": {"max_tokens": 160, "timeout_s": 120, "max_concurrency": 2, "max_retries": 2,
+                                  "temperature": 0.0}},  # greedy: the same pairs on every run
         "embedded_server": {"enabled": True, "n_ctx": 2048}})
     results = [make_result("v0", CAPTIONS[:1]), make_result("v1", CAPTIONS[2:3], frame_seed=1)]
     with cap_pipeline.maybe_server(cap, tmp_path) as base_url:
