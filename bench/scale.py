@@ -84,8 +84,8 @@ def measure(workdir: Path, videos: int, clip_s: float) -> dict:
     rates[f"end-to-end Ray build, {os.cpu_count()} cores (clips/s)"] = report.counts["clips"] / secs
     # what the per-core stage costs predict for these cores, and how much of it the real build reaches; the build
     # cuts fixed windows, so the scene split's cost is not in its sum (the plan adds it for a real run)
-    core_s_per_clip = (len(probed) / clips / rates["probe (videos/s)"] + 1 / rates["clip+decode (clips/s)"] + 1 / rates["shard write (clips/s)"]
-                       + total_mb / clips / rates["ingest+sha256 (MB/s)"])
+    core_s_per_clip = (len(probed) / clips / rates["probe (videos/s)"] + 1 / rates["clip+decode (clips/s)"]
+                       + 1 / rates["shard write (clips/s)"] + total_mb / clips / rates["ingest+sha256 (MB/s)"])
     rates["efficiency (end-to-end / sum of stage costs)"] = (
         report.counts["clips"] / secs) / (os.cpu_count() / core_s_per_clip)
     return rates
