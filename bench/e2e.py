@@ -107,8 +107,9 @@ def machine_cpu_s() -> float:
 
 
 def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, float, int]:
-    """(wall s, machine CPU s, driver CPU s, clips): the build's record stages as one plain Ray task per video (no Ray Data, no
-    commit), `workers` at a time; one task runs first, untimed, so each worker process has imported them."""
+    """(wall s, machine CPU s, driver CPU s, clips): the build's record stages as one plain Ray task per video
+    (no Ray Data, no commit), `workers` at a time; `workers` tasks run first, untimed, so that each worker
+    process has imported the stages."""
     import ray
 
     from pipeline.build import stage_pipeline
