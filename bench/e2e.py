@@ -9,9 +9,12 @@
 4. Reference (informative): the same record stages (probe+hash, split, clip+decode, pairs) as one plain Ray task
    per video, WORKERS at a time, nothing committed: what Ray and the stages' Python cost without Ray Data.
 5. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
+6. A dense build: as many small videos (8 s, 320x180), cut into 0.5 s clips of 2 frames, so that clips commit
+   several times faster. The two builds' driver CPU splits into a cost per wall second (Ray Data's scheduling
+   loop, paid whatever the load) and a cost per committed clip, which bounds the clips/s one driver can feed.
 Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, CPU-seconds of the whole
 machine for each run (from /proc/stat: Linux only), and the driver's CPU seconds per committed clip (goal <= 1
-ms: it bounds how many workers one driver can feed).
+ms).
 """
 from __future__ import annotations
 
@@ -41,13 +44,13 @@ SCENES = ("testsrc2", "mandelbrot", "smptebars", "rgbtestsrc")
 _SCRATCH = re.compile(r"(/[^ ]*?/hicom-clip-[^/]+)")
 
 
-def make_videos(folder: Path, count: int, seconds: float) -> None:
+def make_videos(folder: Path, count: int, seconds: float, size: str = "1280x720") -> None:
     folder.mkdir(parents=True)
     per_scene = seconds / len(SCENES)
     for i in range(count):
         inputs, labels = [], []
         for j, source in enumerate(SCENES[i % len(SCENES):] + SCENES[:i % len(SCENES)]):
-            inputs += ["-f", "lavfi", "-t", str(per_scene), "-i", f"{source}=size=1280x720:rate=30"]
+            inputs += ["-f", "lavfi", "-t", str(per_scene), "-i", f"{source}=size={size}:rate=30"]
             labels.append(f"[{j}:v]")
         graph = "".join(labels) + f"concat=n={len(SCENES)}:v=1:a=0,format=yuv420p[v]"
         subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, "-filter_complex", graph, "-map", "[v]",
@@ -130,6 +133,33 @@ def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, flo
     return time.perf_counter() - start, machine_cpu_s() - machine, time.process_time() - cpu, clips
 
 
+def build_config(videos: Path, workers: int, clip_s: float, frames_per_clip: int | None = None) -> RunConfig:
+    clip = {"frames_per_clip": frames_per_clip} if frames_per_clip else {}
+    return RunConfig.model_validate({"input": {"path": str(videos)}, "clip": clip, "ray": {"num_cpus": workers},
+                                     "split": {"mode": "fixed", "window_s": clip_s, "stride_s": clip_s}})
+
+
+def driver_cpu_of_build(cfg: RunConfig, run: Path) -> tuple[float, float, int]:
+    """(wall s, driver CPU s, committed clips) of one `hicom build` on the Ray already started."""
+    cpu_before = time.process_time()
+    report = build(cfg, run, progress=False)
+    return report.seconds, time.process_time() - cpu_before, report.counts["clips"]
+
+
+def driver_capacity(runs: list[tuple[float, float, int]]) -> str:
+    """The driver's CPU as `per_second * wall + per_clip * clips`, solved from two builds of different clip
+    rates: Ray Data's scheduling loop costs the driver CPU per wall second whatever the load, and each
+    committed clip adds its share of task bookkeeping. A driver saturates at (1 - per_second) / per_clip."""
+    (w1, d1, c1), (w2, d2, c2) = runs
+    per_clip = (d2 * w1 - d1 * w2) / (c2 * w1 - c1 * w2)
+    per_second = (d1 - per_clip * c1) / w1
+    if per_clip <= 0 or not 0 <= per_second < 1:
+        return f"driver CPU not separable from these two runs (per clip {per_clip * 1e3:.2f} ms, per wall second " \
+               f"{per_second * 1e3:.0f} ms: too noisy)"
+    return (f"driver CPU = {per_second * 1e3:.0f} ms per wall second + {per_clip * 1e3:.2f} ms per committed clip "
+            f"(goal <= 1 ms); one driver saturates at about {(1 - per_second) / per_clip:,.0f} clips/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=12)
@@ -144,10 +174,7 @@ def main() -> None:
         videos = Path(args.input) if args.input else work / "videos"
         if not args.input:
             make_videos(videos, args.videos, args.seconds)
-        cfg = RunConfig.model_validate({
-            "input": {"path": str(videos)}, "split": {"mode": "fixed", "window_s": args.clip_s,
-                                                      "stride_s": args.clip_s},
-            "ray": {"num_cpus": args.workers}})
+        cfg = build_config(videos, args.workers, args.clip_s)
         commands = record_commands(cfg)
         machine = machine_cpu_s()
         floor = floor_seconds(commands, args.workers, work / "floor")
@@ -156,22 +183,28 @@ def main() -> None:
         init_ray(num_cpus=args.workers)
         ray_start = time.perf_counter() - start
         plain, plain_cpu, plain_driver, plain_clips = plain_tasks_seconds(cfg, args.workers)
-        machine, cpu_before = machine_cpu_s(), time.process_time()
-        report = build(cfg, work / "run", progress=False)
-        driver_cpu = time.process_time() - cpu_before
+        machine = machine_cpu_s()
+        seconds, driver_cpu, clips = main_run = driver_cpu_of_build(cfg, work / "run")
         build_cpu = machine_cpu_s() - machine
-        clips = report.counts["clips"]
-        print(f"videos {report.inputs_videos}, clips {clips}, FFmpeg commands {len(commands)}, workers {args.workers}")
+        make_videos(work / "dense", args.videos, 8.0, size="320x180")
+        dense_run = driver_cpu_of_build(build_config(work / "dense", args.workers, 0.5, frames_per_clip=2),
+                                        work / "dense-run")
+        print(f"videos {len(ingest(cfg.input).videos)}, clips {clips}, FFmpeg commands {len(commands)}, "
+              f"workers {args.workers}")
         print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s, machine CPU {floor_cpu:.1f} s")
         print(f"plain Ray tasks, same stages, nothing committed: {plain:.1f} s, machine CPU {plain_cpu:.1f} s, "
               f"{plain_clips} clips; driver CPU {plain_driver / max(plain_clips, 1) * 1e3:.2f} ms per clip; "
               f"ratio floor / plain {floor / plain:.2f}")
-        print(f"hicom build (Ray already started): {report.seconds:.1f} s, machine CPU {build_cpu:.1f} s; "
+        print(f"hicom build (Ray already started): {seconds:.1f} s, machine CPU {build_cpu:.1f} s; "
               f"Ray start-up: {ray_start:.1f} s")
-        print(f"ratio floor / build: {floor / report.seconds:.2f} (goal >= 0.9); plain / build: "
-              f"{plain / report.seconds:.2f}")
+        print(f"ratio floor / build: {floor / seconds:.2f} (goal >= 0.9); plain / build: {plain / seconds:.2f}")
         print(f"driver CPU: {driver_cpu:.2f} s = {driver_cpu / max(clips, 1) * 1e3:.2f} ms per committed clip "
-              "(goal <= 1 ms)")
+              f"at {clips / seconds:.1f} clips/s (goal <= 1 ms)")
+        dense_seconds, dense_driver, dense_clips = dense_run
+        print(f"dense build ({args.videos} videos of 8 s, 320x180, 0.5 s clips of 2 frames): {dense_seconds:.1f} s, "
+              f"{dense_clips} clips at {dense_clips / dense_seconds:.1f} clips/s, driver CPU {dense_driver:.2f} s = "
+              f"{dense_driver / max(dense_clips, 1) * 1e3:.2f} ms per clip")
+        print(driver_capacity([main_run, dense_run]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
