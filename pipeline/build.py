@@ -251,9 +251,10 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
         rows = pending_rows(cfg, state).materialize()
     total = rows.count()
     log.info("plan: %d inputs to process (videos not committed yet, and ingest failures not recorded yet)", total)
-    display = BuildProgress(total, enabled=progress)
-    try:  # the display's periodic line stops with the build, whichever way it ends
-        with captioning_session(cfg, report.run_dir, state.parts) as captioning:
+    with captioning_session(cfg, report.run_dir, state.parts) as captioning:
+        display = BuildProgress(total, enabled=progress,
+                                live=captioning.live_counts if captioning.usage_dir else None)
+        try:  # the display's periodic line stops with the build, whichever way it ends
             for receipt in run_stages_on_ray(cfg, storage, rows, captioning.stages, state.partial):
                 if receipt.storage_error:
                     raise _storage_error(storage.uri(), receipt.storage_error)
@@ -268,9 +269,9 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
                 if receipt.part:
                     report.parts.append(receipt.part)
                     report.writer_nodes.add(receipt.writer_node_id or "")
-            report.llm_usage = captioning.usage()
-    finally:
-        display.close()
+        finally:
+            display.close()
+        report.llm_usage = captioning.usage()
     report.deferred = sorted(set(report.deferred))  # a fanned-out video may be deferred by several batches
     report.inputs_videos = report.skipped_committed + report.processed_videos + len(report.deferred)
     report.inputs_failed_at_ingest += len(state.loose_failure_ids)

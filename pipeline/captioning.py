@@ -37,6 +37,7 @@ from stages.shard import SHARDS_DIR
 log = logging.getLogger(__name__)
 ANNOTATIONS_DIR = "annotations"
 USAGE_DIR = "logs/llm_usage"
+USAGE_WRITE_S = 5.0  # how often an LLM actor rewrites its usage file while a batch runs
 VIDEO_PATH_CPUS = 1.0  # probe/split/clip_decode tasks each declare 1 CPU: always left free for them
 
 
@@ -89,10 +90,24 @@ class _LLMStage:
             return result.fail_video(self.name, video_reasons.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        results = await asyncio.gather(*(self.guarded(from_row(row)) for row in batch.to_pylist()))
+        reporter = asyncio.ensure_future(self._write_usage_every(USAGE_WRITE_S))
+        try:
+            results = await asyncio.gather(*(self.guarded(from_row(row)) for row in batch.to_pylist()))
+        finally:
+            reporter.cancel()
+        self._write_usage()
+        return replace_state(batch, list(results))
+
+    def _write_usage(self) -> None:
         if self.clients:
             write_usage(self.usage_path, {name: c.usage for name, c in self.clients.items()})
-        return replace_state(batch, list(results))
+
+    async def _write_usage_every(self, seconds: float) -> None:
+        """While a batch runs: a batch's videos finish together, so the build's display reads the counts
+        from these files meanwhile."""
+        while True:
+            await asyncio.sleep(seconds)
+            self._write_usage()
 
 
 class CaptionStage(_LLMStage):
@@ -238,11 +253,21 @@ class CaptioningSession:
     stages: list[tuple[type, dict]] = field(default_factory=list)
     usage_dir: Path | None = None
 
-    def usage(self) -> dict:
+    def usage(self, log_it: bool = True) -> dict:
         """Usage totals per stage (also logged)."""
         usage = read_usage(self.usage_dir) if self.usage_dir and self.usage_dir.exists() else {}
-        log_usage(usage)
+        if log_it:
+            log_usage(usage)
         return usage
+
+    def live_counts(self) -> str:
+        """The requests answered so far, for the progress display: `llm instruct 5 ok, 1 failed`."""
+        parts = []
+        for stage, u in sorted(self.usage(log_it=False).items()):
+            extra = "".join(f", {u[key]} {word}" for key, word in (("cache_hits", "cached"), ("failed", "failed"))
+                            if u.get(key))
+            parts.append(f"llm {stage} {u.get('succeeded', 0)} ok{extra}")
+        return "; ".join(parts)
 
 
 @contextlib.contextmanager

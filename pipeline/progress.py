@@ -1,9 +1,11 @@
 """The build's one progress display: live counts from the workers' receipts.
 
-On a terminal: one tqdm bar over inputs (videos and ingest failures) with clips, pairs, failures (by the project's stage names) and parts
-committed, plus tqdm's ETA, redrawn every second so its clock moves between receipts. Elsewhere (CI, `nohup`,
-a pipe): one plain line every `interval_s` seconds while the build runs, receipts or not, and a last one at the
-end, so logs stay readable and a long wait for the first part is not silence.
+On a terminal: one tqdm bar over inputs (videos and ingest failures) with clips, pairs, failures (by the
+project's stage names) and parts committed, plus tqdm's ETA, redrawn every second so its clock moves between
+receipts. Elsewhere (CI, `nohup`, a pipe): one plain line every `interval_s` seconds while the build runs,
+receipts or not, and a last one at the end, so logs stay readable and a long wait for the first part is not
+silence. `live` adds counts the receipts don't carry: the LLM requests answered so far, which move while a
+part is still being captioned.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -40,8 +43,11 @@ class BuildProgress:
     writes the periodic line (or redraws the bar) until `close()`; receipts arrive on the driver's thread, so
     counts are read and written under one lock."""
 
-    def __init__(self, total_inputs: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None):
+    def __init__(self, total_inputs: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None,
+                 live: Callable[[], str] | None = None):
         self.total = total_inputs
+        self.live = live  # counts receipts don't carry (LLM requests), read per tick
+        self._live = ""
         self.enabled = enabled
         self.interval_s = interval_s
         self.stream = stream or sys.stderr
@@ -76,21 +82,37 @@ class BuildProgress:
                                parts=1 if receipt.part else 0)
             self.failed_by_stage.update(receipt.failed_by_stage)
             if self.bar is not None:
-                c = self.counts
-                self.bar.set_postfix_str(f"clips={c['clips']} pairs={c['pairs']} failures={c['failures']} "
-                                         f"parts={c['parts']}", refresh=False)
+                self._set_postfix()
                 self.bar.update(done)
+
+    def _set_postfix(self) -> None:
+        """The bar's counts; called with the lock held."""
+        c = self.counts
+        self.bar.set_postfix_str(f"clips={c['clips']} pairs={c['pairs']} failures={c['failures']} "
+                                 f"parts={c['parts']}{f' {self._live}' if self._live else ''}", refresh=False)
+
+    def _live_text(self) -> str:
+        try:
+            return self.live() if self.live is not None else ""
+        except Exception as exc:  # a display never stops a build
+            log.debug("live counts unavailable: %s", exc)
+            return ""
 
     def _line(self) -> None:
         elapsed = time.monotonic() - self.started
+        live = self._live_text()
         with self._lock:
             done = self.counts["inputs"]
-        log.info("build: %s, %s elapsed, ETA %s", self.summary(), _clock(elapsed), _eta(done, self.total, elapsed))
+        log.info("build: %s%s, %s elapsed, ETA %s", self.summary(), f", {live}" if live else "", _clock(elapsed),
+                 _eta(done, self.total, elapsed))
 
     def _tick(self, period: float) -> None:
         while not self._stop.wait(period):
             if self.bar is not None:
+                live = self._live_text()
                 with self._lock:
+                    self._live = live
+                    self._set_postfix()
                     self.bar.refresh()
             else:
                 self._line()

@@ -288,3 +288,41 @@ def to_row_(result):
     from stages.ray_adapter import to_row
 
     return to_row(result)
+
+
+def test_usage_counts_move_while_a_video_is_still_captioned(tmp_path, monkeypatch):
+    """The build's display reads LLM counts from the actors' usage files: written during a batch, not only
+    after it (a video's requests can take minutes on the embedded model)."""
+    import asyncio
+    import threading
+
+    import pyarrow as pa
+
+    from stages.ray_adapter import to_row
+    from tests.stub_openai import StubOpenAI, pairs_responder
+
+    monkeypatch.setattr(cap_pipeline, "USAGE_WRITE_S", 0.05)
+    usage_dir = tmp_path / "usage"
+    session = cap_pipeline.CaptioningSession(usage_dir=usage_dir)
+    with StubOpenAI(pairs_responder, latency_s=0.6) as slow:
+        cap = captioning(slow, instruct={"endpoint": {"base_url": slow.base_url, "model": "stub-llm",
+                                                      "max_concurrency": 1}})
+        stage = cap_pipeline.InstructStage(cap.model_dump(mode="json"), str(tmp_path / "cache"), str(usage_dir))
+        batch = pa.Table.from_pylist([to_row(videos()[0])])  # two captioned clips: two requests, one at a time
+        seen: list[str] = []
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen.append(session.live_counts())
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            asyncio.run(stage(batch))
+        finally:
+            done.set()
+            watcher.join()
+    assert "llm instruct 1 ok" in seen  # the first answer showed while the second request was in flight
+    assert session.live_counts() == "llm instruct 2 ok"

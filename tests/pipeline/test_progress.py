@@ -65,3 +65,22 @@ def test_disabled_progress_prints_nothing(caplog):
         time.sleep(0.05)
         display.close()
     assert not caplog.records
+
+
+def test_live_counts_join_the_periodic_line_and_a_failing_source_is_left_out(caplog):
+    answers = iter(["llm instruct 2 ok", "llm instruct 5 ok, 1 failed"])
+
+    def live() -> str:
+        try:
+            return next(answers)
+        except StopIteration:
+            raise OSError("usage folder gone") from None
+
+    with caplog.at_level(logging.INFO, logger="hicom.progress"):
+        display = BuildProgress(4, interval_s=0.05, stream=io.StringIO(), live=live)
+        time.sleep(0.4)
+        display.close()
+    periodic = [r.getMessage() for r in caplog.records if "elapsed, ETA" in r.getMessage()]
+    assert "deferred 0, parts committed 0, llm instruct 2 ok, 0m00s elapsed" in periodic[0]
+    assert "llm instruct 5 ok, 1 failed, " in periodic[1]
+    assert "llm" not in periodic[-1] and periodic[-1].startswith("build: inputs 0/4, clips 0")
