@@ -124,10 +124,15 @@ def compact(run: str | Path | Storage, cfg: ShardConfig,
     groups = list(_groups(storage, cfg))
     if not groups:
         return []
-    log.info("compacting %d parts into %d shards", sum(len(p) for _, p in groups), len(groups))
+    num_parts = sum(len(p) for _, p in groups)
+    log.info("compacting %s into %s", _counted(num_parts, "part"), _counted(len(groups), "shard"))
     if run_groups is not None:
         done = run_groups(storage, groups)
     else:
         done = [compact_group(storage, name, parts) for name, parts in groups]
-    log.info("compacted %d parts into %d shards", sum(len(p) for _, p in groups), len(done))
+    log.info("compacted %s into %s", _counted(num_parts, "part"), _counted(len(done), "shard"))
     return done
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
