@@ -103,8 +103,8 @@ class _LLMStage:
             write_usage(self.usage_path, {name: c.usage for name, c in self.clients.items()})
 
     async def _write_usage_every(self, seconds: float) -> None:
-        """While a batch runs: a batch's videos finish together, so the build's display reads the counts
-        from these files meanwhile."""
+        """While a batch runs (a video's requests can take minutes on a slow endpoint): the build's display
+        reads these files, so its LLM counts move before the batch ends."""
         while True:
             await asyncio.sleep(seconds)
             self._write_usage()
