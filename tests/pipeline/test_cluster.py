@@ -42,7 +42,7 @@ def _start_node(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def _stop_node(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):  # a node may take 30 s+ to drain on SIGTERM
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait_s)
