@@ -12,7 +12,6 @@ cache makes redone requests free.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 import time
 from collections import Counter, defaultdict
@@ -23,15 +22,15 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.captioning import ANNOTATIONS_DIR, apply_stages, captioning_session, check
+from pipeline.progress import BuildProgress
 from schemas.caption import CaptioningConfig
 from schemas.config import RunConfig
+from schemas.index import PartReceipt
 from schemas.overrides import apply_overrides, parse_set_options
 from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, VideoResult
 from schemas.saved_config import check_unchanged
 from stages.ray_adapter import from_row, to_row
 from stages.storage import Storage
-
-log = logging.getLogger(__name__)
 
 
 def sample_from_members(members: dict) -> dict:
@@ -123,22 +122,29 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
     started = time.time()
     usage: dict = {}
     with captioning_session(run_cfg, run_dir, sorted(committed), out.relative_to(run_dir).as_posix()) as session:
-        if todo:
-            ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)
-            arrived: dict[str, list[VideoResult]] = defaultdict(list)
-            for row in ds.iter_rows():
-                result = from_row(row)
-                check(result)  # stops at a rejected endpoint, before any commit
-                name = row["part"]
-                arrived[name].append(result)
-                if {r.video_id for r in arrived[name]} >= expected[name]:
-                    stats = _commit_part(out, name, version, sorted(arrived.pop(name), key=lambda r: r.video_id),
-                                         cap.filter.clip_hash_frames if cap.filter.drop_duplicate_clips else 0)
-                    counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
-                                  failures=stats["num_failures"])
-                    if progress:
-                        log.info("annotations %s: %s committed (%d pairs, %d failures)", version, name,
-                                 stats["num_pairs"], stats["num_failures"])
+        display = BuildProgress(sum(len(ids) for ids in expected.values()), enabled=progress,
+                                live=session.live_counts if session.usage_dir else None, label=f"caption {version}")
+        try:
+            if todo:
+                ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)
+                arrived: dict[str, list[VideoResult]] = defaultdict(list)
+                for row in ds.iter_rows():
+                    result = from_row(row)
+                    check(result)  # stops at a rejected endpoint, before any commit
+                    name = row["part"]
+                    arrived[name].append(result)
+                    if {r.video_id for r in arrived[name]} >= expected[name]:
+                        results = sorted(arrived.pop(name), key=lambda r: r.video_id)
+                        stats = _commit_part(out, name, version, results,
+                                             cap.filter.clip_hash_frames if cap.filter.drop_duplicate_clips else 0)
+                        counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
+                                      failures=stats["num_failures"])
+                        display.update(PartReceipt(
+                            part=name, num_videos=len(results), num_clips=stats["num_clips"],
+                            num_pairs=stats["num_pairs"], num_failures=stats["num_failures"],
+                            failed_by_stage=dict(Counter(f.stage for r in results for f in r.failures))))
+        finally:
+            display.close()
         usage = session.usage()
     return {"version": version, "out": str(out), "seconds": round(time.time() - started, 2), **counts,
             "usage": usage}

@@ -1,4 +1,5 @@
-"""The build's one progress display: live counts from the workers' receipts.
+"""The one progress display of `hicom build` and `hicom caption`: live counts from the receipts of committed
+parts.
 
 On a terminal: one tqdm bar over inputs (videos and ingest failures) with clips, pairs, failures (by the
 project's stage names) and parts committed, plus tqdm's ETA, redrawn every second so its clock moves between
@@ -44,8 +45,9 @@ class BuildProgress:
     counts are read and written under one lock."""
 
     def __init__(self, total_inputs: int | None, enabled: bool = True, interval_s: float = 10.0, stream=None,
-                 live: Callable[[], str] | None = None):
+                 live: Callable[[], str] | None = None, label: str = "build"):
         self.total = total_inputs
+        self.label = label  # the command: `build`, `caption v2`
         self.live = live  # counts receipts don't carry (LLM requests), read per tick
         self._live = ""
         self.enabled = enabled
@@ -57,7 +59,7 @@ class BuildProgress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total_inputs, desc="build", unit="input", file=self.stream, dynamic_ncols=True,
+        self.bar = tqdm(total=total_inputs, desc=label, unit="input", file=self.stream, dynamic_ncols=True,
                         disable=not tty) if tty else None
         self._ticker = None
         if enabled:
@@ -103,8 +105,8 @@ class BuildProgress:
         live = self._live_text()
         with self._lock:
             done = self.counts["inputs"]
-        log.info("build: %s%s, %s elapsed, ETA %s", self.summary(), f", {live}" if live else "", _clock(elapsed),
-                 _eta(done, self.total, elapsed))
+        log.info("%s: %s%s, %s elapsed, ETA %s", self.label, self.summary(), f", {live}" if live else "",
+                 _clock(elapsed), _eta(done, self.total, elapsed))
 
     def _tick(self, period: float) -> None:
         while not self._stop.wait(period):
@@ -127,4 +129,4 @@ class BuildProgress:
         if self.bar is not None:
             self.bar.close()
         if self.enabled:
-            log.info("build: %s in %.1fs", self.summary(), time.monotonic() - self.started)
+            log.info("%s: %s in %.1fs", self.label, self.summary(), time.monotonic() - self.started)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -111,7 +113,7 @@ def committed_run(tmp_path: Path) -> Path:
     return run_dir
 
 
-def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path, ray_local):
+def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path, ray_local, caplog):
     run_dir = committed_run(tmp_path)
     cap = captioning(stub, instruct={"prompt_version": "instruct-v9"})
     report = caption_command.run_caption(run_dir, cap, progress=False)
@@ -132,8 +134,11 @@ def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path, r
 
     (out / "shard-00001.stats.json").unlink()  # as if killed before part 1 was committed
     before = pq.read_table(out / "shard-00001.pairs.parquet").to_pylist()
-    redo = caption_command.run_caption(run_dir, cap, progress=False)
+    with caplog.at_level(logging.INFO, logger="hicom.progress"):
+        redo = caption_command.run_caption(run_dir, cap, progress=True)
     assert redo["done"] == 1 and stub.total == sent  # zero repeated requests: the cache answered
+    last = [r.getMessage() for r in caplog.records if r.name == "hicom.progress"][-1]  # the build's display
+    assert re.match(r"caption instruct-v9: inputs 1/1, clips \d+, pairs \d+, .*parts committed 1 in ", last), last
     assert redo["usage"]["instruct"]["requests"] == 0 and redo["usage"]["instruct"]["cache_hits"] >= 1
     assert pq.read_table(out / "shard-00001.pairs.parquet").to_pylist() == before
 
