@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.build import build  # noqa: E402
+from pipeline.build import BuildReport, build  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
 from schemas.records import VideoResult  # noqa: E402
 from stages import clip_decode, probe, split  # noqa: E402
@@ -139,11 +139,11 @@ def build_config(videos: Path, workers: int, clip_s: float, frames_per_clip: int
                                      "split": {"mode": "fixed", "window_s": clip_s, "stride_s": clip_s}})
 
 
-def driver_cpu_of_build(cfg: RunConfig, run: Path) -> tuple[float, float, int]:
-    """(wall s, driver CPU s, committed clips) of one `hicom build` on the Ray already started."""
+def driver_cpu_of_build(cfg: RunConfig, run: Path) -> tuple[BuildReport, float]:
+    """The report and the driver's CPU seconds of one `hicom build` on the Ray already started."""
     cpu_before = time.process_time()
     report = build(cfg, run, progress=False)
-    return report.seconds, time.process_time() - cpu_before, report.counts["clips"]
+    return report, time.process_time() - cpu_before
 
 
 def driver_capacity(runs: list[tuple[float, float, int]]) -> str:
@@ -184,13 +184,14 @@ def main() -> None:
         ray_start = time.perf_counter() - start
         plain, plain_cpu, plain_driver, plain_clips = plain_tasks_seconds(cfg, args.workers)
         machine = machine_cpu_s()
-        seconds, driver_cpu, clips = main_run = driver_cpu_of_build(cfg, work / "run")
+        report, driver_cpu = driver_cpu_of_build(cfg, work / "run")
         build_cpu = machine_cpu_s() - machine
+        seconds, clips = report.seconds, report.counts["clips"]
         make_videos(work / "dense", args.videos, 8.0, size="320x180")
-        dense_run = driver_cpu_of_build(build_config(work / "dense", args.workers, 0.5, frames_per_clip=2),
-                                        work / "dense-run")
-        print(f"videos {len(ingest(cfg.input).videos)}, clips {clips}, FFmpeg commands {len(commands)}, "
-              f"workers {args.workers}")
+        dense, dense_driver = driver_cpu_of_build(build_config(work / "dense", args.workers, 0.5, frames_per_clip=2),
+                                                  work / "dense-run")
+        dense_seconds, dense_clips = dense.seconds, dense.counts["clips"]
+        print(f"videos {report.inputs_videos}, clips {clips}, FFmpeg commands {len(commands)}, workers {args.workers}")
         print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s, machine CPU {floor_cpu:.1f} s")
         print(f"plain Ray tasks, same stages, nothing committed: {plain:.1f} s, machine CPU {plain_cpu:.1f} s, "
               f"{plain_clips} clips; driver CPU {plain_driver / max(plain_clips, 1) * 1e3:.2f} ms per clip; "
@@ -200,11 +201,10 @@ def main() -> None:
         print(f"ratio floor / build: {floor / seconds:.2f} (goal >= 0.9); plain / build: {plain / seconds:.2f}")
         print(f"driver CPU: {driver_cpu:.2f} s = {driver_cpu / max(clips, 1) * 1e3:.2f} ms per committed clip "
               f"at {clips / seconds:.1f} clips/s (goal <= 1 ms)")
-        dense_seconds, dense_driver, dense_clips = dense_run
         print(f"dense build ({args.videos} videos of 8 s, 320x180, 0.5 s clips of 2 frames): {dense_seconds:.1f} s, "
               f"{dense_clips} clips at {dense_clips / dense_seconds:.1f} clips/s, driver CPU {dense_driver:.2f} s = "
               f"{dense_driver / max(dense_clips, 1) * 1e3:.2f} ms per clip")
-        print(driver_capacity([main_run, dense_run]))
+        print(driver_capacity([(seconds, driver_cpu, clips), (dense_seconds, dense_driver, dense_clips)]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -252,8 +252,7 @@ def build(cfg: RunConfig, run_dir: str | Path, dry_run: bool = False, progress: 
     total = rows.count()
     log.info("plan: %d inputs to process (videos not committed yet, and ingest failures not recorded yet)", total)
     with captioning_session(cfg, report.run_dir, state.parts) as captioning:
-        display = BuildProgress(total, enabled=progress,
-                                live=captioning.live_counts if captioning.usage_dir else None)
+        display = BuildProgress(total, enabled=progress, live=captioning.live_counts)
         try:  # the display's periodic line stops with the build, whichever way it ends
             for receipt in run_stages_on_ray(cfg, storage, rows, captioning.stages, state.partial):
                 if receipt.storage_error:

@@ -123,7 +123,7 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
     usage: dict = {}
     with captioning_session(run_cfg, run_dir, sorted(committed), out.relative_to(run_dir).as_posix()) as session:
         display = BuildProgress(sum(len(ids) for ids in expected.values()), enabled=progress,
-                                live=session.live_counts if session.usage_dir else None, label=f"caption {version}")
+                                live=session.live_counts, label=f"caption {version}")
         try:
             if todo:
                 ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)

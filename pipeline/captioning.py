@@ -76,6 +76,8 @@ class _LLMStage:
         self.cache = ResponseCache(cache) if self.cfg.cache_responses else None
         self.usage_path = Path(usage_dir) / f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         self.clients: dict[str, LLMClient] = {}
+        self._calls_running = 0
+        self._usage_writer: asyncio.Future | None = None
 
     async def process(self, result: VideoResult) -> VideoResult:
         raise NotImplementedError
@@ -90,11 +92,17 @@ class _LLMStage:
             return result.fail_video(self.name, video_reasons.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        reporter = asyncio.ensure_future(self._write_usage_every(USAGE_WRITE_S))
+        # one usage writer per actor while any of its (up to max_tasks_in_flight_per_actor) calls runs
+        self._calls_running += 1
+        if self._usage_writer is None:
+            self._usage_writer = asyncio.ensure_future(self._write_usage_every(USAGE_WRITE_S))
         try:
             results = await asyncio.gather(*(self.guarded(from_row(row)) for row in batch.to_pylist()))
         finally:
-            reporter.cancel()
+            self._calls_running -= 1
+            if not self._calls_running:
+                self._usage_writer.cancel()
+                self._usage_writer = None
         self._write_usage()
         return replace_state(batch, list(results))
 
@@ -253,17 +261,20 @@ class CaptioningSession:
     stages: list[tuple[type, dict]] = field(default_factory=list)
     usage_dir: Path | None = None
 
-    def usage(self, log_it: bool = True) -> dict:
+    def _totals(self) -> dict:
+        return read_usage(self.usage_dir) if self.usage_dir and self.usage_dir.exists() else {}
+
+    def usage(self) -> dict:
         """Usage totals per stage (also logged)."""
-        usage = read_usage(self.usage_dir) if self.usage_dir and self.usage_dir.exists() else {}
-        if log_it:
-            log_usage(usage)
+        usage = self._totals()
+        log_usage(usage)
         return usage
 
     def live_counts(self) -> str:
-        """The requests answered so far, for the progress display: `llm instruct 5 ok, 1 failed`."""
+        """The requests answered so far, for the progress display: `llm instruct 5 ok, 1 failed`; empty
+        without captioning."""
         parts = []
-        for stage, u in sorted(self.usage(log_it=False).items()):
+        for stage, u in sorted(self._totals().items()):
             extra = "".join(f", {u[key]} {word}" for key, word in (("cache_hits", "cached"), ("failed", "failed"))
                             if u.get(key))
             parts.append(f"llm {stage} {u.get('succeeded', 0)} ok{extra}")

@@ -49,7 +49,7 @@ class BuildProgress:
         self.total = total_inputs
         self.label = label  # the command: `build`, `caption v2`
         self.live = live  # counts receipts don't carry (LLM requests), read per tick
-        self._live = ""
+        self._live_shown = ""  # the last `live` text, kept for redraws between ticks
         self.enabled = enabled
         self.interval_s = interval_s
         self.stream = stream or sys.stderr
@@ -91,7 +91,7 @@ class BuildProgress:
         """The bar's counts; called with the lock held."""
         c = self.counts
         self.bar.set_postfix_str(f"clips={c['clips']} pairs={c['pairs']} failures={c['failures']} "
-                                 f"parts={c['parts']}{f' {self._live}' if self._live else ''}", refresh=False)
+                                 f"parts={c['parts']}{f' {self._live_shown}' if self._live_shown else ''}", refresh=False)
 
     def _live_text(self) -> str:
         try:
@@ -113,7 +113,7 @@ class BuildProgress:
             if self.bar is not None:
                 live = self._live_text()
                 with self._lock:
-                    self._live = live
+                    self._live_shown = live
                     self._set_postfix()
                     self.bar.refresh()
             else:

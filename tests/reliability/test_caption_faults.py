@@ -14,7 +14,9 @@ import pytest
 
 from conftest import make_test_video, shard_contents
 from pipeline.build import build
+from pipeline.captioning import cache_dir
 from schemas.config import RunConfig
+from stages.llm.cache import ResponseCache
 from tests.stub_openai import StubOpenAI, pairs_responder
 
 CAPTIONS = ["A man in a blue coat walks a brown dog through a green park.",
@@ -92,7 +94,8 @@ def test_killed_during_captioning_resumes_without_repaying(manifest, reference, 
     run = tmp_path / "run"
     env = {**os.environ, "HICOM_TEST_KEY": SECRET}
     with StubOpenAI(pairs_responder, latency_s=0.4) as stub:
-        cmd = [sys.executable, "-c", DRIVER, json.dumps(config(manifest, stub, "HICOM_TEST_KEY")), str(run)]
+        settings = config(manifest, stub, "HICOM_TEST_KEY")
+        cmd = [sys.executable, "-c", DRIVER, json.dumps(settings), str(run)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 240
@@ -102,7 +105,7 @@ def test_killed_during_captioning_resumes_without_repaying(manifest, reference, 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         asked_before = Counter(stub.counts)
-        cached = len(list((run / "cache" / "llm").glob("*/*.json")))
+        cached = len(ResponseCache(cache_dir(RunConfig.model_validate(settings).captioning, run)))
         # asked but not cached: cut off by the kill, in flight or answered and not yet written; at most the
         # client's concurrency (one actor, max_concurrency 2)
         uncached = len(asked_before) - cached
