@@ -271,13 +271,13 @@ class CaptioningSession:
         return usage
 
     def live_counts(self) -> str:
-        """The requests answered so far, for the progress display: `llm instruct 5 ok, 1 failed`; empty
-        without captioning."""
+        """The requests so far, for the progress display: `llm instruct 7 sent, 5 ok, 1 failed` (sent: HTTP
+        requests, retries included, so a slow first answer still shows work); empty without captioning."""
         parts = []
         for stage, u in sorted(self._totals().items()):
             extra = "".join(f", {u[key]} {word}" for key, word in (("cache_hits", "cached"), ("failed", "failed"))
                             if u.get(key))
-            parts.append(f"llm {stage} {u.get('succeeded', 0)} ok{extra}")
+            parts.append(f"llm {stage} {u.get('requests', 0)} sent, {u.get('succeeded', 0)} ok{extra}")
         return "; ".join(parts)
 
 

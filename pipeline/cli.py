@@ -35,8 +35,10 @@ def _print_build(report, dry_run: bool) -> None:
           f"already committed) in {report.seconds:.1f}s; run totals: {c['clips']} clips, {c['pairs']} pairs, "
           f"{c['failures']} failures in {c['shards']} shards")
     print(f"shards: {report.run_dir}/shards")
+    from stages.llm import summary_line
+
     for stage, usage in sorted(report.llm_usage.items()):
-        print(f"llm {stage}: {usage}")
+        print(summary_line(stage, usage))
 
 
 def _check_input_kind(args, cfg) -> None:

@@ -38,7 +38,7 @@ def _eta(done: int, total: int | None, elapsed_s: float) -> str:
 
 class BuildProgress:
     """Feed it receipts; it shows inputs done / total (videos and ingest failures), clips, pairs, failures by
-    stage, parts, ETA.
+    stage, deferred videos (when any), parts, ETA.
 
     `total_inputs` None: not counted, so counts show without a total or ETA. A daemon thread
     writes the periodic line (or redraws the bar) until `close()`; receipts arrive on the driver's thread, so
@@ -72,9 +72,9 @@ class BuildProgress:
             c = self.counts.copy()
             failed = ", ".join(f"{stage} {n}" for stage, n in sorted(self.failed_by_stage.items()))
         total = "" if self.total is None else f"/{self.total}"
+        deferred = f"deferred {c['deferred']}, " if c["deferred"] else ""  # only an unavailable endpoint defers
         return (f"inputs {c['inputs']}{total}, clips {c['clips']}, pairs {c['pairs']}, "
-                f"failures {c['failures']}{f' ({failed})' if failed else ''}, deferred {c['deferred']}, "
-                f"parts committed {c['parts']}")
+                f"failures {c['failures']}{f' ({failed})' if failed else ''}, {deferred}parts committed {c['parts']}")
 
     def update(self, receipt: PartReceipt) -> None:
         done = receipt.num_videos + len(receipt.deferred) + receipt.num_loose_failures

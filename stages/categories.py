@@ -8,13 +8,16 @@ category plus M random others) is a separate bounded pass: `pipeline/category_se
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from schemas.recipe import CategoryConfig, EmbedderConfig
 from schemas.records import VideoResult
-from stages.embedder import ImageTextEmbedder, load_embedder
 from stages.keyframes import frames_or_fail
+
+if TYPE_CHECKING:
+    from stages.embedder import ImageTextEmbedder
 
 STAGE = "categories"
 RESOURCES = {"num_cpus": 1}
@@ -42,6 +45,8 @@ def video_embedding(embedder: ImageTextEmbedder, frames: np.ndarray) -> np.ndarr
 
 def apply(result: VideoResult, cfg: CategoryConfig, embedder_cfg: EmbedderConfig) -> VideoResult:
     """Set `video.category` and `video.category_score` (needs the probe's duration)."""
+    from stages.embedder import load_embedder  # torch loads in the workers that embed, not in the build's driver
+
     video = result.video
     embedder = load_embedder(embedder_cfg)
     duration = video.probe.duration_s

@@ -14,7 +14,6 @@ import numpy as np
 from schemas import reasons
 from schemas.recipe import EmbedderConfig, KeyframeConfig
 from schemas.records import ClipRecord, Failure, VideoResult
-from stages.embedder import load_embedder
 from stages.ffmpeg_tools import SAFE_INPUT_ARGS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
 
 log = logging.getLogger(__name__)
@@ -77,6 +76,8 @@ def apply(result: VideoResult, cfg: KeyframeConfig, embedder_cfg: EmbedderConfig
     """Find the video's keyframes and drop planned clips without one."""
     if not result.planned:
         return result
+    from stages.embedder import load_embedder  # torch loads in the workers that embed, not in the build's driver
+
     video = result.video
     embedder = load_embedder(embedder_cfg)
     frames, times = frames_or_fail(result, STAGE, cfg.sample_fps, embedder.image_size_px, cfg.max_frames,

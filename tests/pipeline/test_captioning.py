@@ -329,5 +329,6 @@ def test_usage_counts_move_while_a_video_is_still_captioned(tmp_path, monkeypatc
         finally:
             done.set()
             watcher.join()
-    assert "llm instruct 1 ok" in seen  # the first answer showed while the second request was in flight
-    assert session.live_counts() == "llm instruct 2 ok"
+    assert "llm instruct 1 sent, 0 ok" in seen  # the first request showed before its answer came
+    assert "llm instruct 2 sent, 1 ok" in seen  # the first answer showed while the second request was in flight
+    assert session.live_counts() == "llm instruct 2 sent, 2 ok"

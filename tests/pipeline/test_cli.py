@@ -27,6 +27,15 @@ def test_help_documents_every_command():
     assert "--annotations" in hicom("rebuild", "--help").stdout
 
 
+def test_build_driver_does_not_import_torch():
+    """torch takes ~1.5 s to import; only the workers that embed frames (recipe keyframes, categories) need it."""
+    code = ("import sys, pipeline.cli, pipeline.build, pipeline.captioning, pipeline.caption_command; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.fixture(scope="module")
 def release_like(tmp_path_factory):
     """A HICom-248K-shaped release: pre-split clips + LLaVA JSON (multi-turn, bad paths, bad entries)."""

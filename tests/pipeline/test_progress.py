@@ -68,7 +68,7 @@ def test_disabled_progress_prints_nothing(caplog):
 
 
 def test_live_counts_join_the_periodic_line_and_a_failing_source_is_left_out(caplog):
-    answers = iter(["llm instruct 2 ok", "llm instruct 5 ok, 1 failed"])
+    answers = iter(["llm instruct 2 sent, 2 ok", "llm instruct 6 sent, 5 ok, 1 failed"])
 
     def live() -> str:
         try:
@@ -81,6 +81,6 @@ def test_live_counts_join_the_periodic_line_and_a_failing_source_is_left_out(cap
         time.sleep(0.4)
         display.close()
     periodic = [r.getMessage() for r in caplog.records if "elapsed, ETA" in r.getMessage()]
-    assert "deferred 0, parts committed 0, llm instruct 2 ok, 0m00s elapsed" in periodic[0]
-    assert "llm instruct 5 ok, 1 failed, " in periodic[1]
+    assert "failures 0, parts committed 0, llm instruct 2 sent, 2 ok, 0m00s elapsed" in periodic[0]
+    assert "llm instruct 6 sent, 5 ok, 1 failed, " in periodic[1]
     assert "llm" not in periodic[-1] and periodic[-1].startswith("build: inputs 0/4, clips 0")
