@@ -12,6 +12,7 @@ cache makes redone requests free.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import time
 from collections import Counter, defaultdict
@@ -31,6 +32,8 @@ from schemas.records import AnnotationSample, ClipRecord, QAPair, ShardSample, V
 from schemas.saved_config import check_unchanged
 from stages.ray_adapter import from_row, to_row
 from stages.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def sample_from_members(members: dict) -> dict:
@@ -98,10 +101,12 @@ def _commit_part(out: Path, name: str, version: str, results: list[VideoResult],
 
 
 def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = None, version: str | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, log_file: Path | None = None) -> dict:
     """Generate pairs for the clips of `run_dir`'s committed shards as annotation version `version`
-    (default: the instruct prompt version). Resumable per part; returns counts and LLM usage."""
+    (default: the instruct prompt version). Resumable per part; returns counts and LLM usage. Ray starts (its
+    lines to `log_file`) only when a part is left to do."""
     from pipeline.resume import committed_stats
+    from stages.ray_runtime import init_ray
     from stages.shard import SHARDS_DIR
 
     run_dir = Path(run_dir)
@@ -120,29 +125,33 @@ def run_caption(run_dir: str | Path, cfg: RunConfig | CaptioningConfig | None = 
                                         columns=["video_id"]).column("video_id").to_pylist()) for name in todo}
     counts = Counter(parts=len(parts), skipped=len(committed))
     started = time.time()
+    if not todo:  # no Ray, no LLM server, no dedup actors to start for nothing
+        log.info("caption %s: all %d parts of %s already have this version; nothing to do", version, len(parts),
+                 run_dir)
+        return {"version": version, "out": str(out), "seconds": 0.0, **counts, "usage": {}}
+    init_ray(run_cfg.ray.address, run_cfg.ray.num_cpus, log_file)
     usage: dict = {}
     with captioning_session(run_cfg, run_dir, sorted(committed), out.relative_to(run_dir).as_posix()) as session:
         display = BuildProgress(sum(len(ids) for ids in expected.values()), enabled=progress,
                                 live=session.live_counts, label=f"caption {version}")
         try:
-            if todo:
-                ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)
-                arrived: dict[str, list[VideoResult]] = defaultdict(list)
-                for row in ds.iter_rows():
-                    result = from_row(row)
-                    check(result)  # stops at a rejected endpoint, before any commit
-                    name = row["part"]
-                    arrived[name].append(result)
-                    if {r.video_id for r in arrived[name]} >= expected[name]:
-                        results = sorted(arrived.pop(name), key=lambda r: r.video_id)
-                        stats = _commit_part(out, name, version, results,
-                                             cap.filter.clip_hash_frames if cap.filter.drop_duplicate_clips else 0)
-                        counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
-                                      failures=stats["num_failures"])
-                        display.update(PartReceipt(
-                            part=name, num_videos=len(results), num_clips=stats["num_clips"],
-                            num_pairs=stats["num_pairs"], num_failures=stats["num_failures"],
-                            failed_by_stage=dict(Counter(f.stage for r in results for f in r.failures))))
+            ds = apply_stages(read_videos([run_dir / SHARDS_DIR / f"{n}.tar" for n in todo]), session.stages)
+            arrived: dict[str, list[VideoResult]] = defaultdict(list)
+            for row in ds.iter_rows():
+                result = from_row(row)
+                check(result)  # stops at a rejected endpoint, before any commit
+                name = row["part"]
+                arrived[name].append(result)
+                if {r.video_id for r in arrived[name]} >= expected[name]:
+                    results = sorted(arrived.pop(name), key=lambda r: r.video_id)
+                    stats = _commit_part(out, name, version, results,
+                                         cap.filter.clip_hash_frames if cap.filter.drop_duplicate_clips else 0)
+                    counts.update(done=1, clips=stats["num_clips"], pairs=stats["num_pairs"],
+                                  failures=stats["num_failures"])
+                    display.update(PartReceipt(
+                        part=name, num_videos=len(results), num_clips=stats["num_clips"],
+                        num_pairs=stats["num_pairs"], num_failures=stats["num_failures"],
+                        failed_by_stage=dict(Counter(f.stage for r in results for f in r.failures))))
         finally:
             display.close()
         usage = session.usage()
@@ -183,14 +192,12 @@ def _cmd_caption(args) -> int:
         raise ValueError("no `captioning:` section in the config")
     overrides = {key.removeprefix("captioning."): value for key, value in parse_set_options(args.set).items()}
     section = apply_overrides(section, overrides)
-    from stages.ray_runtime import init_ray, ray_output_to
+    from stages.ray_runtime import ray_output_to
 
     cap = CaptioningConfig.model_validate(section)
     log_file = run_dir / "logs" / "hicom.log"
     with ray_output_to(log_file):  # Ray's own lines to the run's log, as in a build
-        ray_cfg = RunConfig(captioning=cap).ray
-        init_ray(ray_cfg.address, ray_cfg.num_cpus, log_file)
-        report = run_caption(run_dir, cap, args.version, progress=not args.no_progress)
+        report = run_caption(run_dir, cap, args.version, progress=not args.no_progress, log_file=log_file)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -70,9 +70,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
     import ray
     import ray.data  # noqa: F401  (configures its loggers on import: route them after)
 
-    route_ray_logs(log_file)
     if ray.is_initialized():
+        if log_file is not None:  # a caller without a log file (e.g. captioning's set-up) keeps the run's routing
+            route_ray_logs(log_file)
         return
+    route_ray_logs(log_file)
     # ray.init(configure_logging=False) clears the "ray" logger's handlers first thing, so what Ray logs during
     # its start (e.g. "Token authentication is enabled ...") would reach logging.lastResort, i.e. the terminal:
     # during the start the last resort is the log file, and the handlers are routed again after. Without a log

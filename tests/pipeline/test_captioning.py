@@ -129,8 +129,12 @@ def test_caption_command_writes_a_resumable_annotation_version(stub, tmp_path, r
     assert (out / "captioning.yaml").exists() and report["usage"]["instruct"]["succeeded"] == 4
     sent = stub.total
 
-    again = caption_command.run_caption(run_dir, cap, progress=False)  # everything committed: skipped
+    usage_runs = set((run_dir / "logs" / "llm_usage").iterdir())
+    with caplog.at_level(logging.INFO, logger="pipeline.caption_command"):
+        again = caption_command.run_caption(run_dir, cap, progress=False)  # everything committed: skipped
     assert again["skipped"] == 3 and again.get("done", 0) == 0 and stub.total == sent
+    assert "all 3 parts" in caplog.text and "nothing to do" in caplog.text
+    assert set((run_dir / "logs" / "llm_usage").iterdir()) == usage_runs  # no captioning session was started
 
     (out / "shard-00001.stats.json").unlink()  # as if killed before part 1 was committed
     before = pq.read_table(out / "shard-00001.pairs.parquet").to_pylist()

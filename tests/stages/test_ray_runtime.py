@@ -58,3 +58,17 @@ def test_local_ray_connects_to_nothing_outside_this_machine(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_joining_the_running_ray_without_a_log_file_keeps_the_runs_log(ray_local, tmp_path):
+    """Captioning's set-up calls init_ray without a log file while a build runs: Ray's lines must still reach
+    the run's log (they went nowhere once captioning started, and its warnings to the terminal)."""
+    import logging
+
+    from stages.ray_runtime import init_ray
+
+    log_file = tmp_path / "logs" / "hicom.log"
+    init_ray(None, 2, log_file)  # the build
+    init_ray(None, 2)  # captioning joins the same Ray
+    logging.getLogger("ray.data").info("a line from Ray Data")
+    assert "a line from Ray Data" in log_file.read_text()
