@@ -5,8 +5,8 @@ On a terminal: one tqdm bar over inputs (videos and ingest failures) with clips,
 project's stage names) and parts committed, plus tqdm's ETA, redrawn every second so its clock moves between
 receipts. Elsewhere (CI, `nohup`, a pipe): one plain line every `interval_s` seconds while the build runs,
 receipts or not, and a last one at the end, so logs stay readable and a long wait for the first part is not
-silence. `live` adds counts the receipts don't carry: the LLM requests answered so far, which move while a
-part is still being captioned.
+silence. `live` adds counts the receipts don't carry: the LLM requests sent and answered so far, which move
+while a part is still being captioned.
 """
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ class BuildProgress:
     def _set_postfix(self) -> None:
         """The bar's counts; called with the lock held."""
         c = self.counts
+        live = f" {self._live_shown}" if self._live_shown else ""
         self.bar.set_postfix_str(f"clips={c['clips']} pairs={c['pairs']} failures={c['failures']} "
-                                 f"parts={c['parts']}{f' {self._live_shown}' if self._live_shown else ''}", refresh=False)
+                                 f"parts={c['parts']}{live}", refresh=False)
 
     def _live_text(self) -> str:
         try:
