@@ -7,11 +7,12 @@
    command line the stages execute (clip+decode's are recorded, not run).
 3. Floor: the recorded commands, each in a fresh scratch folder, under `xargs -P WORKERS` (no Python, no Ray).
 4. Reference (informative): the same record stages (probe+hash, split, clip+decode, pairs) as one plain Ray task
-   per video, WORKERS at a time, nothing committed: what Ray and the stages' Python cost without Ray Data.
+   per video, WORKERS at a time, nothing listed, committed or compacted: what Ray and the stages' Python cost.
 5. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
 6. A dense build: as many small videos (8 s, 320x180), cut into 0.5 s clips of 2 frames, so that clips commit
-   several times faster. The two builds' driver CPU splits into a cost per wall second (Ray Data's scheduling
-   loop, paid whatever the load) and a cost per committed clip, which bounds the clips/s one driver can feed.
+   several times faster. The two builds' driver CPU splits into a cost per wall second (paid whatever the
+   load: Ray's threads in the driver process) and a cost per committed clip, which bounds the clips/s one
+   driver can feed.
 Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, CPU-seconds of the whole
 machine for each run (from /proc/stat: Linux only), and the driver's CPU seconds per committed clip (goal <= 1
 ms).
@@ -111,7 +112,7 @@ def machine_cpu_s() -> float:
 
 def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, float, int]:
     """(wall s, machine CPU s, driver CPU s, clips): the build's record stages as one plain Ray task per video
-    (no Ray Data, no commit), `workers` at a time; `workers` tasks run first, untimed, so that each worker
+    (no listing, no commit), `workers` at a time; `workers` tasks run first, untimed, so that each worker
     process has imported the stages."""
     import ray
 
@@ -121,7 +122,7 @@ def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, flo
     before, after = stage_pipeline(cfg)
 
     def run_stages(row: dict) -> int:
-        for stage, _ in before + after:
+        for stage in before + after:
             row = stage(row)
         return len(from_row(row).samples)
 
@@ -148,8 +149,8 @@ def driver_cpu_of_build(cfg: RunConfig, run: Path) -> tuple[BuildReport, float]:
 
 def driver_capacity(runs: list[tuple[float, float, int]]) -> str:
     """The driver's CPU as `per_second * wall + per_clip * clips`, solved from two builds of different clip
-    rates: Ray Data's scheduling loop costs the driver CPU per wall second whatever the load, and each
-    committed clip adds its share of task bookkeeping. A driver saturates at (1 - per_second) / per_clip."""
+    rates: Ray's threads in the driver process cost CPU per wall second whatever the load, and each committed
+    clip adds its share of task bookkeeping. A driver saturates at (1 - per_second) / per_clip."""
     (w1, d1, c1), (w2, d2, c2) = runs
     per_clip = (d2 * w1 - d1 * w2) / (c2 * w1 - c1 * w2)
     per_second = (d1 - per_clip * c1) / w1

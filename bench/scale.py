@@ -118,8 +118,8 @@ def plan(rates: dict, args) -> list[str]:
         f"video stages on {args.video_nodes} x {args.cores_per_node}-core nodes ({video_cores} cores) at the measured "
         f"efficiency {efficiency:.2f}: {video_wall_h:,.1f} h wall",
         f"driver: {rates['driver CPU per clip (ms)']:.2f} ms CPU per clip on this run, "
-        f"{rates['driver CPU per wall second (ms)']:.0f} ms per wall second: Ray Data's scheduling loop, so it "
-        f"follows wall time and per clip it falls as clips/s rise (bench/e2e.py has the split); the plan needs "
+        f"{rates['driver CPU per wall second (ms)']:.0f} ms per wall second (listing and compaction included; per "
+        f"clip it falls as clips/s rise: bench/e2e.py has the split); the plan needs "
         f"{clips / max(video_wall_h * 3600, 1):,.0f} clips/s",
         f"captioning (input): {args.prompt_tokens} prompt + {args.output_tokens} output tokens per clip -> "
         f"{tokens_in / 1e9:,.1f}B in, {tokens_out / 1e9:,.1f}B out; at {args.gpu_output_tokens_s:,.0f} output tok/s "

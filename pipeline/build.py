@@ -1,13 +1,13 @@
 """Build: input -> probe -> split [-> fan out] -> clip+decode -> pairs [-> dedup -> caption -> instruct -> filter]
 -> parts.
 
-The driver coordinates; workers write. The driver reads the committed parts' markers, says what it will skip
-and why, and streams the input through the stages on Ray Data: the input is listed and grouped by workers
-(`stages.ingest.input_dataset`), committed rows are dropped in the workers (`stages/resume_filter.py`), a long
-video is fanned out into clip batches that decode on several workers (`stages/fan_out.py`), and the last
-stage commits each batch of finished rows (videos, clip batches, ingest failures) as a part on the run's
-storage (`stages/ray_adapter.CommitStage`) and returns a receipt; the driver only counts receipts. When the
-stream ends, Ray tasks compact the parts into full-size shards (`pipeline/compact.py`).
+The driver coordinates; workers write. The driver reads the committed parts' markers and says what it will
+skip and why. The input is listed and grouped by workers on Ray Data (`stages.ingest.input_dataset`), and the
+rows already committed are dropped there (`stages/resume_filter.py`). The stages then run as plain Ray tasks
+and actors (`pipeline/scheduler.py`): a task per video, a long video fanned out into clip batches that decode
+on several workers (`stages/fan_out.py`), and a commit task per group of finished rows that writes a part to the
+run's storage (`stages/ray_adapter.CommitStage`) and returns a receipt; the driver only passes ObjectRefs on and
+counts receipts. When the stream ends, Ray tasks compact the parts into full-size shards (`pipeline/compact.py`).
 """
 from __future__ import annotations
 
@@ -21,22 +21,23 @@ from pipeline.captioning import captioning_session, endpoint_stopped
 from pipeline.category_select import select_by_category
 from pipeline.compact import compact, compact_group
 from pipeline.progress import BuildProgress
+from pipeline.scheduler import COMMIT_RESOURCES, Scheduler
 from pipeline.recipe import recipe_stages
 from pipeline.resume import CommittedState, committed_parts, committed_state, scan_and_clean
 from pipeline.run_dir import RunDirectory
 from schemas.config import RunConfig
 from schemas.index import PartMarker, PartReceipt
 from schemas.records import VideoResult
-from stages import clip_decode, fan_out, pairs, probe, resume_filter, split
+from stages import clip_decode, keyframes, pairs, probe, resume_filter, split
 from stages.ffmpeg_tools import check_binaries
 from stages.ingest import input_dataset, remote_input, run_local
-from stages.ray_adapter import RECEIPT_COLUMN, RayStage, commit_batch, from_row, to_row
+from stages.ray_adapter import RayStage, from_row, to_row
+from stages.ray_tasks import VideoPlan
 from stages.ray_runtime import VIDEO_WORKER, init_ray, video_task_resources
 from stages.storage import Storage
 
 log = logging.getLogger(__name__)
 _MAX_BLOCKS = 1000
-COMMIT_RESOURCES = {"num_cpus": 0.25}  # writing a part is I/O; it must not hold a core FFmpeg could use
 
 
 @dataclass
@@ -66,37 +67,33 @@ def _storage_error(run: str, detail: str) -> RunStorageError:
                            "(or fix the store) and rerun the same command to resume.")
 
 
-def stage_pipeline(cfg: RunConfig) -> tuple[list[tuple[RayStage, dict]], list[tuple[RayStage, dict]]]:
-    """The record-level stages in order, each with the Ray resources it declares (FFmpeg stages ask for
-    `video_worker`), as (before the fan-out, after it); the second list is empty when nothing fans out."""
-    video = video_task_resources()
+def stage_pipeline(cfg: RunConfig) -> tuple[list[RayStage], list[RayStage]]:
+    """The record-level stages in order, as (before the fan-out, after it); the second list is empty when
+    nothing fans out. One video task runs the first list (and the second for a video that does not fan out)."""
     probe_stage = RayStage(probe.STAGE, probe.apply, cfg.probe)
     split_stage = RayStage(split.STAGE, split.apply, cfg.split)
     clip_stage = RayStage(clip_decode.STAGE, clip_decode.apply, cfg.clip)
-    # pairs declares clip+decode's resources so Ray fuses it into the same task (one task less per video)
-    clip_resources = {**clip_decode.RESOURCES, **video, "concurrency": cfg.ray.clip_concurrency}
-    pairs_stage = (RayStage(pairs.STAGE, pairs.apply, cfg.input), clip_resources)
+    pairs_stage = RayStage(pairs.STAGE, pairs.apply, cfg.input)
     if remote_input(cfg.input):
         # One local copy per video (fetched, hashed, deleted) serves every FFmpeg step, so an object-store
         # source is not fanned out: each clip batch would download the whole file again.
         fetch = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes,
                          [probe_stage.run, split_stage.run, clip_stage.run])
-        return [(fetch, clip_resources), pairs_stage], []
+        return [fetch, pairs_stage], []
     probe_and_hash = RayStage(probe.STAGE, run_local, cfg.input, cfg.probe.max_file_bytes, [probe_stage.run])
-    return [
-        (probe_and_hash, {**probe.RESOURCES, **video, "concurrency": cfg.ray.probe_concurrency}),  # sha256 here
-        (split_stage, {**split.RESOURCES, **video}),
-        *[(stage, {**resources, **video}) for stage, resources in recipe_stages(cfg)],  # length -> keyframes
-    ], [(clip_stage, clip_resources), pairs_stage]
+    return [probe_and_hash, split_stage, *recipe_stages(cfg)], [clip_stage, pairs_stage]  # sha256 in the probe
+
+
+def video_task_options() -> dict:
+    """A video task runs probe .. pairs one after another: it asks for the most any of them declares, and for
+    `video_worker` (FFmpeg stays on the video nodes)."""
+    cpus = max(r["num_cpus"] for r in (probe.RESOURCES, split.RESOURCES, clip_decode.RESOURCES, keyframes.RESOURCES))
+    return {"num_cpus": cpus, **video_task_resources()}
 
 
 def _signature_frames(cfg: RunConfig) -> int:
     cap = cfg.captioning
     return cap.filter.clip_hash_frames if cap is not None and cap.enabled and cap.filter.drop_duplicate_clips else 0
-
-
-def _options(resources: dict) -> dict:
-    return {k: v for k, v in resources.items() if v is not None}
 
 
 def pending_rows(cfg: RunConfig, state: CommittedState):
@@ -109,37 +106,27 @@ def pending_rows(cfg: RunConfig, state: CommittedState):
 
 
 def configure_ray_data(cfg: RunConfig) -> None:
-    """The build's Ray Data execution options. A Dataset copies the current DataContext when it is created, so
-    this runs before the first one (the input listing) exists; set later, the options would not reach it."""
+    """The Ray Data options of the input listing (the build's only Ray Data pass). A Dataset copies the current
+    DataContext when it is created, so this runs before the listing exists; set later, the options would not
+    reach it."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
-    ctx.op_resource_reservation_enabled = cfg.ray.op_resource_reservation
+    # Ray Data reserves part of the CPU budget per operator: on a small machine that only strands CPUs
+    ctx.op_resource_reservation_enabled = False
 
 
 def run_stages_on_ray(cfg: RunConfig, storage: Storage, rows, extra_stages=(),
                       partial: dict[str, tuple[int, set[int]]] | None = None) -> Iterator[PartReceipt]:
-    """Stream `rows` (a Ray Dataset of `{"video_id", "state"}`) through the stages and the commit stage;
-    yield one receipt per committed part. `extra_stages` (dedup, captioning) are `(callable, map_batches
-    options)` run after `pairs`; `partial`: clip batches already committed (`CommittedState.partial`)."""
+    """Run `rows` (a Ray Dataset of `{"video_id", "state"}`) through the stages and commit them as parts, on
+    plain Ray tasks and actors (`pipeline/scheduler.py`); yield one receipt per committed part. `extra_stages`
+    (dedup, captioning) are `(callable, map_batches options)` run after `pairs`; `partial`: clip batches
+    already committed (`CommittedState.partial`)."""
     before, after = stage_pipeline(cfg)
-    ds = rows.repartition(target_num_rows_per_block=1)  # one video per task (streaming: no barrier)
-    for stage, resources in before:
-        ds = ds.map(stage, **_options(resources))
-    if after:
-        ds = ds.flat_map(fan_out.FanOutStage(cfg.clip.clips_per_task, partial),
-                         **_options({**fan_out.RESOURCES, **video_task_resources()}))
-        ds = ds.repartition(target_num_rows_per_block=1)  # each clip batch its own task, on any worker
-        for stage, resources in after:
-            ds = ds.map(stage, **_options(resources))
-    for stage, options in extra_stages:
-        ds = ds.map_batches(stage, **options)
-    ds = ds.map_batches(commit_batch, batch_size=cfg.shard.videos_per_part, batch_format="pyarrow",
-                        fn_kwargs={"run_uri": storage.uri(), "signature_frames": _signature_frames(cfg)},
-                        **COMMIT_RESOURCES)
-    for row in ds.iter_rows():
-        yield PartReceipt.model_validate_json(row[RECEIPT_COLUMN])
+    plan = VideoPlan(before, after, cfg.clip.clips_per_task, partial or {})
+    scheduler = Scheduler(cfg, storage, plan, video_task_options(), list(extra_stages), _signature_frames(cfg))
+    yield from scheduler.receipts(rows)
 
 
 def _check_placement(cfg: RunConfig) -> None:

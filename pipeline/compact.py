@@ -29,6 +29,7 @@ from stages.shard import FAILURES_DIR, INDEX_FILES, SHARDS_DIR, part_files, shar
 from stages.storage import Storage
 
 log = logging.getLogger(__name__)
+COPY_CHUNK = 4 << 20
 
 
 def run_shard_config(run: str | Path | Storage) -> ShardConfig:
@@ -58,14 +59,38 @@ def plan(markers: list[PartMarker], cfg: ShardConfig) -> list[list[PartMarker]]:
     return [g for g in groups if g]
 
 
-def _copy_members(storage: Storage, parts: list[PartMarker], out) -> None:
-    """Stream every member of the parts' tars into `out` (a tar opened for writing), in part order."""
+def _members_end(f) -> int:
+    """Where a tar's members end (its end-of-archive zero blocks start), from its headers alone (seeks past the
+    data): the offset after the last member's data, rounded up to the block."""
+    last = None
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for last in tar:
+            pass
+    if last is None:
+        return 0
+    return last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _concatenate_tars(storage: Storage, parts: list[PartMarker], out) -> None:
+    """The parts' tars, in part order, as one tar: each one's member bytes copied as they are (no member is
+    re-encoded), then the end-of-archive blocks and the record padding `tarfile` writes. The bytes equal a
+    member-by-member copy through `tarfile` (`tests/stages/test_shard.py`), at a fraction of its CPU."""
+    written = 0
     for marker in parts:
         if not marker.num_samples:
             continue
-        with storage.open_read(f"{SHARDS_DIR}/{marker.shard}.tar") as f, tarfile.open(fileobj=f, mode="r|") as src:
-            for member in src:
-                out.addfile(member, src.extractfile(member) if member.isfile() else None)
+        with storage.open_read(f"{SHARDS_DIR}/{marker.shard}.tar") as f:
+            left = _members_end(f)
+            f.seek(0)
+            while left:
+                chunk = f.read(min(left, COPY_CHUNK))
+                if not chunk:
+                    raise OSError(f"{marker.shard}.tar ended before its last member's data")
+                out.write(chunk)
+                left -= len(chunk)
+                written += len(chunk)
+    trailer = 2 * tarfile.BLOCKSIZE
+    out.write(b"\0" * (trailer + (-(written + trailer) % tarfile.RECORDSIZE)))
 
 
 def _merged_rows(storage: Storage, rels: list[str], schema: pa.Schema, name: str) -> list[dict]:
@@ -82,8 +107,8 @@ def compact_group(storage: Storage, name: str, parts: list[PartMarker], writer_n
                   ) -> PartMarker:
     """Write shard `name` from `parts` (data, then its marker), then delete the parts it replaces."""
     if any(m.num_samples for m in parts):
-        with storage.open_write(f"{SHARDS_DIR}/{name}.tar") as f, tarfile.open(fileobj=f, mode="w|") as out:
-            _copy_members(storage, parts, out)
+        with storage.open_write(f"{SHARDS_DIR}/{name}.tar") as f:
+            _concatenate_tars(storage, parts, f)
     for kind, schema in INDEX_FILES.items():
         rows = _merged_rows(storage, [f"{SHARDS_DIR}/{m.shard}.{kind}.parquet" for m in parts], schema, name)
         write_table(storage, f"{SHARDS_DIR}/{name}.{kind}.parquet", rows, schema)

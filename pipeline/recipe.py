@@ -8,8 +8,7 @@ from stages import keyframes, length
 from stages.ray_adapter import RayStage
 
 
-def recipe_stages(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
-    """(stage, Ray resources) pairs, the shape `stage_pipeline` returns."""
+def recipe_stages(cfg: RunConfig) -> list[RayStage]:
     recipe = cfg.recipe
     if recipe is None:
         return []
@@ -17,8 +16,7 @@ def recipe_stages(cfg: RunConfig) -> list[tuple[RayStage, dict]]:
         cfg.embedder.require_model()  # before any video is processed
     stages = []
     if recipe.length is not None:
-        stages.append((RayStage(length.STAGE, length.apply, recipe.length), length.RESOURCES))
+        stages.append(RayStage(length.STAGE, length.apply, recipe.length))
     if recipe.keyframes is not None:
-        stages.append((RayStage(keyframes.STAGE, keyframes.apply, recipe.keyframes, cfg.embedder),
-                       keyframes.RESOURCES))
+        stages.append(RayStage(keyframes.STAGE, keyframes.apply, recipe.keyframes, cfg.embedder))
     return stages

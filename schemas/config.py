@@ -115,12 +115,11 @@ class RayConfig(_Config):
 
     address: str | None = None  # None: a local Ray; "auto" or "ray://host:10001" for a cluster
     num_cpus: int | None = None  # local Ray only
-    preserve_order: bool = True  # deterministic shard contents for the same input
-    # Ray Data reserves part of the CPU budget per operator; the video stages fuse into one operator, so on a
-    # small machine the reservation only strands CPUs (measured: 2 CPUs ran 1 FFmpeg task at a time).
-    op_resource_reservation: bool = False
-    probe_concurrency: int | None = None
-    clip_concurrency: int | None = None
+    preserve_order: bool = True  # parts cut from consecutive videos in input order: the same input, the same parts
+    max_video_tasks: int | None = Field(None, ge=1)  # video/clip-batch tasks submitted at once; None: 2 per video CPU
+
+    RETIRED = dict.fromkeys(("probe_concurrency", "clip_concurrency", "op_resource_reservation"),
+                            "the build's stages no longer run on Ray Data's executor (see ray.max_video_tasks)")
 
 
 class RunConfig(_Config):

@@ -1,6 +1,8 @@
-"""The base of the build's config models: unknown keys are errors, and a renamed key names its new name."""
+"""The base of the build's config models: unknown keys are errors, a renamed key names its new name, and a
+retired key (one an older version wrote into run directories) is ignored with a warning."""
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -12,10 +14,12 @@ class RenamedKey(RuntimeError):
 
 
 class StrictConfig(BaseModel):
-    """extra=forbid, plus `RENAMED` (old key -> the new key's full dotted path) for a one-line hint."""
+    """extra=forbid, plus `RENAMED` (old key -> the new key's full dotted path) for a one-line hint, and
+    `RETIRED` (key -> why it no longer applies)."""
 
     model_config = ConfigDict(extra="forbid")
     RENAMED: ClassVar[dict[str, str]] = {}
+    RETIRED: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -24,6 +28,10 @@ class StrictConfig(BaseModel):
             if isinstance(data, dict) and old in data:
                 section = new.rpartition(".")[0]
                 raise RenamedKey(f"config key `{section + '.' if section else ''}{old}` was renamed `{new}`")
+        if isinstance(data, dict) and data.keys() & cls.RETIRED.keys():
+            for key in sorted(data.keys() & cls.RETIRED.keys()):
+                logging.getLogger(__name__).warning("config key `%s` is ignored: %s", key, cls.RETIRED[key])
+            return {k: v for k, v in data.items() if k not in cls.RETIRED}
         return data
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import math
 
 from schemas.records import VideoResult
-from stages.ray_adapter import from_row, to_row
 
 STAGE = "fan_out"
-RESOURCES = {"num_cpus": 1}  # split's: Ray fuses it into the task that split the video (no task of its own)
 
 
 def fan_out(result: VideoResult, clips_per_task: int,
@@ -31,14 +29,3 @@ def fan_out(result: VideoResult, clips_per_task: int,
     return [result.model_copy(update={"planned": result.planned[i * size:(i + 1) * size], "batch": (i, n),
                                       "failures": list(result.failures) if i == 0 else []})
             for i in range(n) if i not in committed]
-
-
-class FanOutStage:
-    """`Dataset.flat_map` callable: one video row -> its clip batch rows."""
-
-    def __init__(self, clips_per_task: int, done: dict[str, tuple[int, set[int]]] | None = None):
-        self.clips_per_task = clips_per_task
-        self.done = done or {}
-
-    def __call__(self, row: dict) -> list[dict]:
-        return [to_row(r) for r in fan_out(from_row(row), self.clips_per_task, self.done)]

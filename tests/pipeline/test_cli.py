@@ -147,8 +147,9 @@ PROJECT_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) (hicom|pip
 
 
 def test_build_terminal_shows_only_the_projects_lines(tmp_path, stub):
-    """A captioned build (actor pools, the case that makes Ray's core worker log an ERROR line) with stderr
-    captured (not a TTY): every stderr line is one of the project's log lines; Ray's are in the run's log."""
+    """A captioned build and `hicom caption` (its Ray Data actor pools make Ray's core worker log an ERROR line)
+    with stderr captured (not a TTY): every stderr line is one of the project's log lines; Ray's are in the run's
+    log."""
     videos = tmp_path / "videos"
     videos.mkdir()
     make_test_video(videos / "a.mp4", seconds=2.0, size="160x120")
@@ -165,6 +166,6 @@ def test_build_terminal_shows_only_the_projects_lines(tmp_path, stub):
         assert lines and not [line for line in lines if any(noise in line for noise in RAY_NOISE)], stderr
         assert all(re.match(PROJECT_LINE, line) for line in lines), stderr
     log_text = (run / "logs" / "hicom.log").read_text()
-    assert log_text.count("constructor arguments in the object store") >= 2  # Ray's C++ lines: routed, not lost
+    assert "constructor arguments in the object store" in log_text  # Ray's C++ lines: routed, not lost
     if "RAY_AUTH_MODE" not in os.environ:
         assert log_text.count("Token authentication is enabled") >= 2

@@ -73,3 +73,10 @@ def test_a_renamed_key_fails_at_load_in_one_line_naming_the_new_name(data, new):
         RunConfig.model_validate(data)
     assert "was renamed" in str(err.value) and str(err.value).rstrip("`").endswith(new) and "\n" not in str(err.value)
     assert not isinstance(err.value, ValueError)  # pydantic passes it through: no multi-line validation report
+
+
+def test_ray_data_knobs_of_older_run_directories_load_with_a_warning(caplog):
+    cfg = RunConfig.model_validate({"ray": {"probe_concurrency": 4, "op_resource_reservation": False,
+                                            "max_video_tasks": 3}})
+    assert cfg.ray.max_video_tasks == 3 and "probe_concurrency" not in cfg.ray.model_dump()
+    assert "`op_resource_reservation` is ignored" in caplog.text and "`probe_concurrency` is ignored" in caplog.text

@@ -1,8 +1,11 @@
 """Fan out: batches of a long video's planned clips, failures once, committed batches not redone."""
 from schemas.index import PartMarker
 from schemas.records import Failure, Span, VideoRecord, VideoResult
-from stages.fan_out import FanOutStage, fan_out
-from stages.ray_adapter import from_row, to_row
+import pyarrow as pa
+
+from stages.fan_out import fan_out
+from stages.ray_adapter import RayStage, from_row, to_row
+from stages.ray_tasks import VideoPlan, run_batch, run_video
 from stages.shard import PartWriter
 from stages.storage import Storage
 from pipeline.resume import committed_state
@@ -33,9 +36,19 @@ def test_committed_batches_are_not_redone_and_keep_their_recorded_count():
     assert fan_out(failed, clips_per_task=2) == [failed]
 
 
-def test_the_flat_map_adapter_emits_build_rows():
-    rows = FanOutStage(5)(to_row(_result(10)))
-    assert [from_row(r).batch for r in rows] == [(0, 2), (1, 2)] and {r["video_id"] for r in rows} == {"long-1"}
+def _cut(result: VideoResult) -> VideoResult:  # an after-fan-out stage that says what it saw
+    return result.fail_video("cut", "test", f"{len(result.planned)} spans")
+
+
+def test_the_video_task_cuts_a_short_video_itself_and_hands_a_long_one_out_as_batches():
+    rows = [to_row(_result(3)), to_row(_result(10).model_copy(update={"video_id": "long-2"}))]
+    block = pa.Table.from_pylist(rows)
+    plan = VideoPlan(before=[], after=[RayStage("cut", _cut)], clips_per_task=5)
+    (finished, count), row = run_video(plan, block, 0)
+    assert (finished, count) == (True, 1) and from_row(row).failures[-1].detail == "3 spans"
+    (finished, count), batches = run_video(plan, block, 1)
+    assert (finished, count) == (False, 2) and [from_row(r).batch for r in batches] == [(0, 2), (1, 2)]
+    assert from_row(run_batch(plan, batches, 1)).failures[-1].detail == "5 spans"
 
 
 def test_a_video_is_committed_once_every_batch_is(tmp_path):

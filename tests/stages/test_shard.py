@@ -87,6 +87,20 @@ def test_compaction_merges_parts_exactly_once(tmp_path, killed_after, monkeypatc
     assert compact(tmp_path, ShardConfig(max_samples=3)) == []  # idempotent
 
 
+def test_a_compacted_tar_is_the_bytes_of_a_member_by_member_copy(tmp_path):
+    """Compaction concatenates the parts' member bytes; `tarfile` re-adding every member gives the same file."""
+    import tarfile
+
+    names = sorted(_write_parts(tmp_path, [(["a"], [2]), (["b"], [1]), (["c"], [3])]))
+    with open(tmp_path / "reference.tar", "wb") as f, tarfile.open(fileobj=f, mode="w|") as out:
+        for name in names:
+            with tarfile.open(tmp_path / "shards" / f"{name}.tar", mode="r|") as src:
+                for member in src:
+                    out.addfile(member, src.extractfile(member))
+    compact(tmp_path, ShardConfig(max_samples=100))
+    assert (tmp_path / "shards" / "shard-00000.tar").read_bytes() == (tmp_path / "reference.tar").read_bytes()
+
+
 def test_tars_are_byte_identical_for_identical_samples(tmp_path):
     for run in ("x", "y"):
         PartWriter(Storage.from_uri(tmp_path / run)).write("part-1", [_result("a", 3)])
