@@ -9,9 +9,9 @@
 4. Reference (informative): the same record stages (probe+hash, split, clip+decode, pairs) as one plain Ray task
    per video, WORKERS at a time, nothing listed, committed or compacted: what Ray and the stages' Python cost.
 5. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
-6. A dense build: as many small videos (8 s, 320x180), cut into 0.5 s clips of 2 frames, so that clips commit
-   several times faster. The two builds' driver CPU splits into a cost per wall second (paid whatever the
-   load: Ray's threads in the driver process) and a cost per committed clip, which bounds the clips/s one
+6. Two dense builds: a quarter of and as many small videos (8 s, 320x180), cut into 0.5 s clips of 2 frames,
+   so that clips commit several times faster. Their driver CPU's difference over their clips' difference is the
+   driver's marginal cost per committed clip (per-build costs cancel out), which bounds the clips/s one
    driver can feed.
 Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, CPU-seconds of the whole
 machine for each run (from /proc/stat: Linux only), and the driver's CPU seconds per committed clip (goal <= 1
@@ -147,18 +147,30 @@ def driver_cpu_of_build(cfg: RunConfig, run: Path) -> tuple[BuildReport, float]:
     return report, time.process_time() - cpu_before
 
 
-def driver_capacity(runs: list[tuple[float, float, int]]) -> str:
-    """The driver's CPU as `per_second * wall + per_clip * clips`, solved from two builds of different clip
-    rates: Ray's threads in the driver process cost CPU per wall second whatever the load, and each committed
-    clip adds its share of task bookkeeping. A driver saturates at (1 - per_second) / per_clip."""
-    (w1, d1, c1), (w2, d2, c2) = runs
-    per_clip = (d2 * w1 - d1 * w2) / (c2 * w1 - c1 * w2)
-    per_second = (d1 - per_clip * c1) / w1
-    if per_clip <= 0 or not 0 <= per_second < 1:
-        return f"driver CPU not separable from these two runs (per clip {per_clip * 1e3:.2f} ms, per wall second " \
-               f"{per_second * 1e3:.0f} ms: too noisy)"
-    return (f"driver CPU = {per_second * 1e3:.0f} ms per wall second + {per_clip * 1e3:.2f} ms per committed clip "
-            f"(goal <= 1 ms); one driver saturates at about {(1 - per_second) / per_clip:,.0f} clips/s")
+def dense_builds(work: Path, count: int, workers: int) -> list[tuple[BuildReport, float]]:
+    """Two builds of small dense videos (8 s, 320x180, 0.5 s clips of 2 frames), of count // 4 and of count
+    videos, with their driver CPU: the same clip rate, so per-build costs (the listing, compaction, the run's
+    markers) cancel out of their difference."""
+    make_videos(work / "dense", count, 8.0, size="320x180")
+    small = work / "dense-small"
+    small.mkdir()
+    for video in sorted((work / "dense").iterdir())[:max(1, count // 4)]:
+        shutil.copy(video, small / video.name)
+    return [driver_cpu_of_build(build_config(folder, workers, 0.5, frames_per_clip=2), work / f"{folder.name}-run")
+            for folder in (small, work / "dense")]
+
+
+def marginal_driver_cpu(small: tuple[BuildReport, float], large: tuple[BuildReport, float]) -> str:
+    """The driver's CPU per additional committed clip, from two builds at the same clip rate. It includes the
+    driver's per-wall-second cost at that rate, so it is an upper bound for faster clusters."""
+    (r1, d1), (r2, d2) = small, large
+    c1, c2 = r1.counts["clips"], r2.counts["clips"]
+    per_clip = (d2 - d1) / max(c2 - c1, 1)
+    if per_clip <= 0:
+        return f"marginal driver CPU not measurable from these builds ({d1:.2f} s for {c1} clips, {d2:.2f} s for {c2})"
+    return (f"marginal driver CPU: {per_clip * 1e3:.2f} ms per committed clip at {c2 / r2.seconds:.1f} clips/s "
+            f"({c1} and {c2} clips: {d1:.2f} s and {d2:.2f} s) (goal <= 1 ms); one driver saturates at about "
+            f"{1 / per_clip:,.0f} clips/s")
 
 
 def main() -> None:
@@ -188,10 +200,7 @@ def main() -> None:
         report, driver_cpu = driver_cpu_of_build(cfg, work / "run")
         build_cpu = machine_cpu_s() - machine
         seconds, clips = report.seconds, report.counts["clips"]
-        make_videos(work / "dense", args.videos, 8.0, size="320x180")
-        dense, dense_driver = driver_cpu_of_build(build_config(work / "dense", args.workers, 0.5, frames_per_clip=2),
-                                                  work / "dense-run")
-        dense_seconds, dense_clips = dense.seconds, dense.counts["clips"]
+        small, large = dense_builds(work, args.videos, args.workers)
         print(f"videos {report.inputs_videos}, clips {clips}, FFmpeg commands {len(commands)}, workers {args.workers}")
         print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s, machine CPU {floor_cpu:.1f} s")
         print(f"plain Ray tasks, same stages, nothing committed: {plain:.1f} s, machine CPU {plain_cpu:.1f} s, "
@@ -202,10 +211,12 @@ def main() -> None:
         print(f"ratio floor / build: {floor / seconds:.2f} (goal >= 0.9); plain / build: {plain / seconds:.2f}")
         print(f"driver CPU: {driver_cpu:.2f} s = {driver_cpu / max(clips, 1) * 1e3:.2f} ms per committed clip "
               f"at {clips / seconds:.1f} clips/s (goal <= 1 ms)")
-        print(f"dense build ({args.videos} videos of 8 s, 320x180, 0.5 s clips of 2 frames): {dense_seconds:.1f} s, "
-              f"{dense_clips} clips at {dense_clips / dense_seconds:.1f} clips/s, driver CPU {dense_driver:.2f} s = "
-              f"{dense_driver / max(dense_clips, 1) * 1e3:.2f} ms per clip")
-        print(driver_capacity([(seconds, driver_cpu, clips), (dense_seconds, dense_driver, dense_clips)]))
+        for dense, dense_driver in (small, large):
+            clips_d = dense.counts["clips"]
+            print(f"dense build ({dense.inputs_videos} videos of 8 s, 320x180, 0.5 s clips of 2 frames): "
+                  f"{dense.seconds:.1f} s, {clips_d} clips at {clips_d / dense.seconds:.1f} clips/s, driver CPU "
+                  f"{dense_driver:.2f} s = {dense_driver / max(clips_d, 1) * 1e3:.2f} ms per clip")
+        print(marginal_driver_cpu(small, large))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
