@@ -21,10 +21,10 @@ from pipeline.captioning import captioning_session, endpoint_stopped
 from pipeline.category_select import select_by_category
 from pipeline.compact import compact, compact_group
 from pipeline.progress import BuildProgress
-from pipeline.scheduler import COMMIT_RESOURCES, Scheduler
 from pipeline.recipe import recipe_stages
 from pipeline.resume import CommittedState, committed_parts, committed_state, scan_and_clean
 from pipeline.run_dir import RunDirectory
+from pipeline.scheduler import COMMIT_RESOURCES, Scheduler
 from schemas.config import RunConfig
 from schemas.index import PartMarker, PartReceipt
 from schemas.records import VideoResult
@@ -32,8 +32,8 @@ from stages import clip_decode, keyframes, pairs, probe, resume_filter, split
 from stages.ffmpeg_tools import check_binaries
 from stages.ingest import input_dataset, remote_input, run_local
 from stages.ray_adapter import RayStage, from_row, to_row
-from stages.ray_tasks import VideoPlan
 from stages.ray_runtime import VIDEO_WORKER, init_ray, video_task_resources
+from stages.ray_tasks import VideoPlan
 from stages.storage import Storage
 
 log = logging.getLogger(__name__)

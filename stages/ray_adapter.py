@@ -1,10 +1,10 @@
-"""The thin layer between record-level stages and Ray Data rows, and the stage that commits parts.
+"""The thin layer between record-level stages and Ray rows, and the stage that commits parts.
 
 A row is one video's state: `{"video_id": str, "state": bytes}` where `state` is a pickled `VideoResult`.
 Keeping a video in one row keeps its clips together, so a video is committed whole or not at all; a long
 video fanned out into clip batches is one row per batch, each committed whole (`stages/fan_out.py`).
-`CommitStage`, the last stage, turns a batch of finished videos into one committed part on the run's storage
-and emits only a small receipt row: sample bytes never reach the driver.
+`CommitStage`, the last stage, turns a group of finished rows into one committed part on the run's storage
+and returns only a small receipt (`stages/ray_tasks.commit_rows`): sample bytes never reach the driver.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from stages.shard import PartWriter, part_name_for
 from stages.storage import Storage
 
 log = logging.getLogger(__name__)
-RECEIPT_COLUMN = "receipt"
 
 
 def to_row(result: VideoResult) -> dict:
@@ -41,7 +40,7 @@ def replace_state(batch: pa.Table, results: list[VideoResult]) -> pa.Table:
 
 
 class RayStage:
-    """A `Dataset.map` callable running one record-level stage; an exception fails the video, not the run."""
+    """A callable on one row running one record-level stage; an exception fails the video, not the run."""
 
     def __init__(self, name: str, step: Callable[..., VideoResult], *args):
         self.name = name
@@ -81,10 +80,10 @@ def stop_reason(result: VideoResult) -> str | None:
 
 
 class CommitStage:
-    """`map_batches` callable: commit a batch of finished rows as part `part-<hash of their ids>` (the same
-    name on a retry or rerun, so a retried task rewrites the same part) and return one receipt row. A row is
-    a video, a clip batch of a fanned-out video (`stages/fan_out.py`), or an input that failed at ingest (no
-    video: committed as a loose failure, so ingest failures are exactly-once like everything else)."""
+    """Commit a group of finished rows as part `part-<hash of their ids>` (the same name on a retry or rerun,
+    so a retried task rewrites the same part) and return its receipt. A row is a video, a clip batch of a
+    fanned-out video (`stages/fan_out.py`), or an input that failed at ingest (no video: committed as a loose
+    failure, so ingest failures are exactly-once like everything else)."""
 
     def __init__(self, run_uri: str, signature_frames: int = 0):
         self.storage = Storage.from_uri(run_uri)
@@ -110,12 +109,3 @@ class CommitStage:
             "part": name, "num_videos": marker.num_videos, "num_clips": marker.num_samples,
             "num_pairs": marker.num_pairs, "num_failures": marker.num_failures, "num_loose_failures": len(loose),
             "failed_by_stage": dict(Counter(f.stage for r in done for f in r.failures))})
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        receipt = self.commit([from_row(row) for row in batch.to_pylist()])
-        return pa.table({RECEIPT_COLUMN: pa.array([receipt.model_dump_json()], pa.string())})
-
-
-def commit_batch(batch: pa.Table, run_uri: str, signature_frames: int = 0) -> pa.Table:
-    """`map_batches` function form of `CommitStage` (a task, so no actor pool holds CPUs between batches)."""
-    return CommitStage(run_uri, signature_frames)(batch)
