@@ -41,7 +41,6 @@ class _Row:
 
     ref: object = None  # ObjectRef of its row, once a task produced it
     stage: int = 0  # extra stages done
-    final: bool = False
 
 
 @dataclass
@@ -201,8 +200,9 @@ class Scheduler:
     def _advance(self, row: _Row) -> None:
         if row.stage < len(self.pools):
             self.pools[row.stage].queue.append(row)
-        else:
-            row.final = True
+
+    def _final(self, row: _Row) -> bool:
+        return row.ref is not None and row.stage == len(self.pools)
 
     def _upstream_idle(self, stage: int) -> bool:
         """Whether no row can reach stage `stage` any more without its queue being sent (so a short batch goes)."""
@@ -242,7 +242,7 @@ class Scheduler:
                     break
                 continue
             for row in video.rows:
-                if not row.final:
+                if not self._final(row):
                     if self.cfg.ray.preserve_order:
                         return rows
                     continue

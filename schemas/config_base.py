@@ -28,11 +28,10 @@ class StrictConfig(BaseModel):
             if isinstance(data, dict) and old in data:
                 section = new.rpartition(".")[0]
                 raise RenamedKey(f"config key `{section + '.' if section else ''}{old}` was renamed `{new}`")
-        if isinstance(data, dict) and data.keys() & cls.RETIRED.keys():
-            for key in sorted(data.keys() & cls.RETIRED.keys()):
-                logging.getLogger(__name__).warning("config key `%s` is ignored: %s", key, cls.RETIRED[key])
-            return {k: v for k, v in data.items() if k not in cls.RETIRED}
-        return data
+        retired = sorted(data.keys() & cls.RETIRED.keys()) if isinstance(data, dict) else []
+        for key in retired:
+            logging.getLogger(__name__).warning("config key `%s` is ignored: %s", key, cls.RETIRED[key])
+        return {k: v for k, v in data.items() if k not in cls.RETIRED} if retired else data
 
 
 def renamed_placeholder(identifiers: set[str], renamed: dict[str, str], where: str) -> None:
