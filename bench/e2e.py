@@ -1,6 +1,6 @@
 """`hicom build` end to end vs the floor of the same FFmpeg work run bare.
 
-    .venv/bin/python bench/e2e.py [--videos 12] [--seconds 20] [--workers 2] [--clip-s 2]
+    .venv/bin/python bench/e2e.py [--videos 12] [--seconds 20] [--workers 2] [--clip-s 2] [--rounds 3] [--input DIR]
 
 1. Makes real H.264 videos with FFmpeg (lavfi test sources, 1280x720, hard scene cuts).
 2. Recording pass (untimed): probe -> split -> clip+decode in this process, recording every FFmpeg/ffprobe
@@ -13,9 +13,12 @@
    so that clips commit several times faster. Their driver CPU's difference over their clips' difference is the
    driver's marginal cost per committed clip (per-build costs cancel out), which bounds the clips/s one
    driver can feed.
-Prints floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips, CPU-seconds of the whole
-machine for each run (from /proc/stat: Linux only), and the driver's CPU seconds per committed clip (goal <= 1
-ms).
+The floor, the reference and the build run in rounds (`--rounds`, default 3), back to back, in alternating
+order: a shared machine's speed drifts by tens of percent within minutes, so each round's ratio compares runs
+made under the same conditions, and the median of the rounds is the figure.
+Prints, per round and as medians: floor seconds, build seconds, the ratio floor/build (goal >= 0.9), clips,
+CPU-seconds of the whole machine for each run (from /proc/stat: Linux only); then the driver's CPU seconds per
+committed clip (goal <= 1 ms).
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,10 +116,10 @@ def machine_cpu_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")  # steal (the host's) not counted
 
 
-def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, float, int]:
-    """(wall s, machine CPU s, driver CPU s, clips): the build's record stages as one plain Ray task per video
-    (no listing, no commit), `workers` at a time; `workers` tasks run first, untimed, so that each worker
-    process has imported the stages."""
+def plain_tasks(cfg: RunConfig, workers: int):
+    """The build's record stages as one plain Ray task per video (no listing, no commit): a function that runs
+    them over the input, `workers` at a time, and returns (wall s, driver CPU s, clips). `workers` tasks run
+    first, untimed, so that each worker process has imported the stages."""
     import ray
 
     from pipeline.build import stage_pipeline
@@ -129,9 +135,60 @@ def plain_tasks_seconds(cfg: RunConfig, workers: int) -> tuple[float, float, flo
     task = ray.remote(num_cpus=1)(run_stages)
     rows = [to_row(VideoResult(video_id=v.id, source=v.relpath, video=v)) for v in ingest(cfg.input).videos]
     ray.get([task.remote(row) for row in rows[:workers]])
-    start, machine, cpu = time.perf_counter(), machine_cpu_s(), time.process_time()
-    clips = sum(ray.get([task.remote(row) for row in rows]))
-    return time.perf_counter() - start, machine_cpu_s() - machine, time.process_time() - cpu, clips
+
+    def run() -> tuple[float, float, int]:
+        start, cpu = time.perf_counter(), time.process_time()
+        clips = sum(ray.get([task.remote(row) for row in rows]))
+        return time.perf_counter() - start, time.process_time() - cpu, clips
+    return run
+
+
+@dataclass
+class Run:
+    seconds: float
+    machine_cpu_s: float  # the whole machine's, meanwhile
+    driver_cpu_s: float = 0.0
+    clips: int = 0
+
+
+def measured(run: Callable[[], tuple[float, float, int]]) -> Run:
+    """`run` returns (its wall seconds, driver CPU seconds, clips); add the machine's CPU-seconds meanwhile."""
+    before = machine_cpu_s()
+    seconds, driver, clips = run()
+    return Run(seconds, machine_cpu_s() - before, driver, clips)
+
+
+def rounds(cfg: RunConfig, commands: list[list[str]], workers: int, count: int, work: Path
+           ) -> list[dict[str, Run]]:
+    """`count` rounds of the floor, the plain tasks and the build, in alternating order; prints each round."""
+    plain = plain_tasks(cfg, workers)
+
+    def floor() -> tuple[float, float, int]:
+        seconds = floor_seconds(commands, workers, work / "floor")
+        shutil.rmtree(work / "floor")
+        return seconds, 0.0, 0
+
+    def hicom_build() -> tuple[float, float, int]:
+        report, driver = driver_cpu_of_build(cfg, work / "run")
+        shutil.rmtree(work / "run")
+        return report.seconds, driver, report.counts["clips"]
+
+    out = []
+    for i in range(count):
+        order = ("floor", "plain", "build") if i % 2 == 0 else ("build", "plain", "floor")
+        runs = {what: measured({"floor": floor, "plain": plain, "build": hicom_build}[what]) for what in order}
+        f, p, b = runs["floor"], runs["plain"], runs["build"]
+        print(f"round {i + 1} ({', '.join(order)}): floor {f.seconds:.1f} s (machine CPU {f.machine_cpu_s:.1f} s), "
+              f"plain tasks {p.seconds:.1f} s ({p.machine_cpu_s:.1f} s), build {b.seconds:.1f} s "
+              f"({b.machine_cpu_s:.1f} s, {b.clips} clips); floor/build {f.seconds / b.seconds:.2f}, "
+              f"floor/plain {f.seconds / p.seconds:.2f}, plain/build {p.seconds / b.seconds:.2f}", flush=True)
+        out.append(runs)
+    return out
+
+
+def median_ratio(runs: list[dict[str, Run]], num: str, den: str) -> str:
+    ratios = [r[num].seconds / r[den].seconds for r in runs]
+    return f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
 
 
 def build_config(videos: Path, workers: int, clip_s: float, frames_per_clip: int | None = None) -> RunConfig:
@@ -179,6 +236,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each generated video")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--clip-s", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of floor, plain tasks and build")
     parser.add_argument("--input", help="a folder of real videos to use instead of generated ones")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -189,28 +247,21 @@ def main() -> None:
             make_videos(videos, args.videos, args.seconds)
         cfg = build_config(videos, args.workers, args.clip_s)
         commands = record_commands(cfg)
-        machine = machine_cpu_s()
-        floor = floor_seconds(commands, args.workers, work / "floor")
-        floor_cpu = machine_cpu_s() - machine
         start = time.perf_counter()
         init_ray(num_cpus=args.workers)
         ray_start = time.perf_counter() - start
-        plain, plain_cpu, plain_driver, plain_clips = plain_tasks_seconds(cfg, args.workers)
-        machine = machine_cpu_s()
-        report, driver_cpu = driver_cpu_of_build(cfg, work / "run")
-        build_cpu = machine_cpu_s() - machine
-        seconds, clips = report.seconds, report.counts["clips"]
+        print(f"videos {len(ingest(cfg.input).videos)}, FFmpeg commands {len(commands)}, workers {args.workers}; "
+              f"Ray start-up {ray_start:.1f} s (not counted); floor: the commands under xargs -P {args.workers}; "
+              "plain tasks: the same stages as Ray tasks, nothing listed, committed or compacted", flush=True)
+        runs = rounds(cfg, commands, args.workers, args.rounds, work)
+        builds = [r["build"] for r in runs]
+        print(f"ratio floor / build, median of {len(runs)} rounds: {median_ratio(runs, 'floor', 'build')} "
+              f"(goal >= 0.9); floor / plain tasks {median_ratio(runs, 'floor', 'plain')}; plain tasks / build "
+              f"{median_ratio(runs, 'plain', 'build')}")
+        driver = statistics.median(b.driver_cpu_s / max(b.clips, 1) for b in builds)
+        print(f"driver CPU of the builds: median {driver * 1e3:.2f} ms per committed clip at "
+              f"{statistics.median(b.clips / b.seconds for b in builds):.1f} clips/s (goal <= 1 ms)")
         small, large = dense_builds(work, args.videos, args.workers)
-        print(f"videos {report.inputs_videos}, clips {clips}, FFmpeg commands {len(commands)}, workers {args.workers}")
-        print(f"floor (bare FFmpeg under xargs -P {args.workers}): {floor:.1f} s, machine CPU {floor_cpu:.1f} s")
-        print(f"plain Ray tasks, same stages, nothing committed: {plain:.1f} s, machine CPU {plain_cpu:.1f} s, "
-              f"{plain_clips} clips; driver CPU {plain_driver / max(plain_clips, 1) * 1e3:.2f} ms per clip; "
-              f"ratio floor / plain {floor / plain:.2f}")
-        print(f"hicom build (Ray already started): {seconds:.1f} s, machine CPU {build_cpu:.1f} s; "
-              f"Ray start-up: {ray_start:.1f} s")
-        print(f"ratio floor / build: {floor / seconds:.2f} (goal >= 0.9); plain / build: {plain / seconds:.2f}")
-        print(f"driver CPU: {driver_cpu:.2f} s = {driver_cpu / max(clips, 1) * 1e3:.2f} ms per committed clip "
-              f"at {clips / seconds:.1f} clips/s (goal <= 1 ms)")
         for dense, dense_driver in (small, large):
             clips_d = dense.counts["clips"]
             print(f"dense build ({dense.inputs_videos} videos of 8 s, 320x180, 0.5 s clips of 2 frames): "

@@ -40,7 +40,7 @@ STAGE = "shard"
 SHARDS_DIR = "shards"
 FAILURES_DIR = "failures"
 MARKER_SUFFIX = ".stats.json"
-TAR_MTIME = 0.0  # fixed so the same samples give byte-identical tars
+TAR_MTIME = 0  # fixed so the same samples give byte-identical tars; an int (a float costs each member a PAX header)
 TAR_OWNER = "bigdata"  # webdataset's TarWriter default
 INDEX_FILES = {"clips": CLIP_SCHEMA, "pairs": PAIR_SCHEMA, "videos": VIDEO_SCHEMA}
 
