@@ -6,12 +6,9 @@ look-up). Ray 2.60's GCS and raylet still listen on all interfaces; `tests/stage
 that no connection leaves the machine. Ray's own log lines go to
 the run's log file instead of the terminal, which shows the project's progress display only: its Python loggers
 by `route_ray_logs`, and what its C++ core writes to the driver's stderr by `ray_output_to` (the CLI's).
-Every worker of the job imports pandas before its first task (`import_pandas_first`, a `worker_process_setup_hook`
-in the job's runtime environment).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -99,18 +96,9 @@ def _errors_only() -> logging.Handler:
     return handler
 
 
-def import_pandas_first() -> None:
-    """Ray's `worker_process_setup_hook`: import pandas in the worker's main thread before any task runs.
-    Ray Data imports it on a worker's first Data task, and a second thread importing it at that moment can
-    leave Ray Data holding a half-imported module ("module 'pandas' has no attribute 'core'", ray-project/ray
-    #32435); one CI run of the suite failed so in the input listing."""
-    importlib.import_module("pandas")
-
-
 def _start(ray, address: str | None, num_cpus: int | None, video_worker: bool) -> None:
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
-              "configure_logging": False,
-              "runtime_env": {"worker_process_setup_hook": f"{__name__}.import_pandas_first"}}
+              "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -72,15 +72,3 @@ def test_joining_the_running_ray_without_a_log_file_keeps_the_runs_log(ray_local
     init_ray(None, 2)  # captioning joins the same Ray
     logging.getLogger("ray.data").info("a line from Ray Data")
     assert "a line from Ray Data" in log_file.read_text()
-
-
-def test_workers_import_pandas_before_their_first_task(ray_local):
-    """The setup hook has imported pandas whole (`pandas.core.frame` reachable) before a task's code runs, so
-    Ray Data's first task in a worker never meets a half-imported pandas from another thread."""
-    def pandas_at_task_start() -> bool:
-        import sys
-
-        pandas = sys.modules.get("pandas")
-        return pandas is not None and hasattr(getattr(pandas, "core", None), "frame")
-
-    assert all(ray_local.get([ray_local.remote(pandas_at_task_start).remote() for _ in range(4)]))
