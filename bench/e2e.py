@@ -160,7 +160,8 @@ def measured(run: Callable[[], tuple[float, float, int]]) -> Run:
 
 def rounds(cfg: RunConfig, commands: list[list[str]], workers: int, count: int, work: Path
            ) -> list[dict[str, Run]]:
-    """`count` rounds of the floor, the plain tasks and the build, in alternating order; prints each round."""
+    """`count` rounds of the floor, the plain tasks and the build, in alternating order; prints each round.
+    A run's machine CPU-seconds include deleting what it wrote (the floor's scratch, the build's run)."""
     plain = plain_tasks(cfg, workers)
 
     def floor() -> tuple[float, float, int]:
