@@ -102,6 +102,7 @@ class PartMarker(BaseModel):
     num_failures: int = 0
     num_pairs: int = 0
     tar_bytes: int = 0
+    tar_members_end: int | None = None  # tar offset where the end-of-archive blocks start (None: no tar, or older)
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
     committed_at: float = 0.0
     video_ids: list[str] = Field(default_factory=list)

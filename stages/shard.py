@@ -77,10 +77,11 @@ def to_wds(sample: ShardSample) -> dict:
     return entry
 
 
-def write_tar(f, samples: Iterable[ShardSample]) -> None:
+def write_tar(f, samples: Iterable[ShardSample]) -> int:
     """`samples` as a WebDataset tar on the writable stream `f`: the bytes `webdataset.TarWriter(f,
     encoder=False, mtime=TAR_MTIME)` writes (members `KEY.EXT` in sorted order, mode 0444, owner bigdata), with
-    the standard library only: importing webdataset imports torch, ~2 s in every Ray worker that commits."""
+    the standard library only: importing webdataset imports torch, ~2 s in every Ray worker that commits.
+    Returns where the members end (the end-of-archive blocks start): compaction copies that many bytes."""
     with tarfile.open(fileobj=f, mode="w|") as tar:
         for sample in samples:
             entry = to_wds(sample)
@@ -90,6 +91,7 @@ def write_tar(f, samples: Iterable[ShardSample]) -> None:
                 info.size, info.mtime, info.mode = len(entry[ext]), TAR_MTIME, 0o444
                 info.uname = info.gname = TAR_OWNER
                 tar.addfile(info, io.BytesIO(entry[ext]))
+        return tar.offset
 
 
 def sample_bytes(sample: ShardSample) -> int:
@@ -125,9 +127,10 @@ class PartWriter:
         """Commit `results` (whole videos, or clip batches of fanned-out videos) and `loose` failures (of no
         video) as part `name`. A fanned-out video counts in `num_videos` with its batch 0."""
         samples = [s for r in results for s in r.samples]
+        members_end = None
         if samples:
             with self.storage.open_write(f"{SHARDS_DIR}/{name}.tar") as f:
-                write_tar(f, samples)  # the storage closes (commits) the file after the archive is finished
+                members_end = write_tar(f, samples)  # the storage commits the file after the archive is finished
         keyframes = {r.video_id: r.video.keyframe_times_s if r.video else None for r in results}
         rows = {"clips": [clip_row(s, name, self._signature(s), keyframes.get(s.clip.video_id)) for s in samples],
                 "pairs": [row for s in samples for row in pair_rows(s, name)],
@@ -143,7 +146,7 @@ class PartWriter:
             failures_by_reason=dict(Counter(f.reason for f in failures)), committed_at=time.time(),
             video_ids=[r.video_id for r in results if r.batch is None], loose_failure_ids=[f.item_id for f in loose],
             batches=[(r.video_id, *r.batch) for r in results if r.batch is not None],
-            writer_node_id=self.writer_node_id)
+            tar_members_end=members_end, writer_node_id=self.writer_node_id)
         write_marker(self.storage, marker)
         log.debug("committed %s: %d clips, %d videos, %d failures", name, marker.num_samples, marker.num_videos,
                   marker.num_failures)

@@ -87,11 +87,23 @@ def test_compaction_merges_parts_exactly_once(tmp_path, killed_after, monkeypatc
     assert compact(tmp_path, ShardConfig(max_samples=3)) == []  # idempotent
 
 
-def test_a_compacted_tar_is_the_bytes_of_a_member_by_member_copy(tmp_path):
-    """Compaction concatenates the parts' member bytes; `tarfile` re-adding every member gives the same file."""
+@pytest.mark.parametrize("markers", ["with the members' end", "of an earlier version"])
+def test_a_compacted_tar_is_the_bytes_of_a_member_by_member_copy(tmp_path, markers):
+    """Compaction concatenates the parts' member bytes, up to where each marker says they end (or where the
+    headers say, for markers that do not record it); `tarfile` re-adding every member gives the same file."""
     import tarfile
 
+    from pipeline.compact import _members_end
+
     names = sorted(_write_parts(tmp_path, [(["a"], [2]), (["b"], [1]), (["c"], [3])]))
+    for name in names:
+        marker_path = tmp_path / "shards" / f"{name}.stats.json"
+        marker = json.loads(marker_path.read_text())
+        with open(tmp_path / "shards" / f"{name}.tar", "rb") as f:
+            assert marker["tar_members_end"] == _members_end(f) < (tmp_path / "shards" / f"{name}.tar").stat().st_size
+        if markers == "of an earlier version":
+            del marker["tar_members_end"]
+            marker_path.write_text(json.dumps(marker))
     with open(tmp_path / "reference.tar", "wb") as f, tarfile.open(fileobj=f, mode="w|") as out:
         for name in names:
             with tarfile.open(tmp_path / "shards" / f"{name}.tar", mode="r|") as src:
@@ -99,6 +111,8 @@ def test_a_compacted_tar_is_the_bytes_of_a_member_by_member_copy(tmp_path):
                     out.addfile(member, src.extractfile(member))
     compact(tmp_path, ShardConfig(max_samples=100))
     assert (tmp_path / "shards" / "shard-00000.tar").read_bytes() == (tmp_path / "reference.tar").read_bytes()
+    with open(tmp_path / "shards" / "shard-00000.tar", "rb") as f:
+        assert committed_parts(tmp_path)[0].tar_members_end == _members_end(f)
 
 
 def test_tars_are_byte_identical_for_identical_samples(tmp_path):
