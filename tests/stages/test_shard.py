@@ -63,7 +63,7 @@ def test_uncommitted_leftovers_are_removed_on_resume(tmp_path):
 
 @pytest.mark.parametrize("killed_after", [None, "marker"])
 def test_compaction_merges_parts_exactly_once(tmp_path, killed_after, monkeypatch):
-    names = _write_parts(tmp_path, [(["a"], [2]), (["b"], [1]), (["c"], [2]), (["d"], [4])])
+    _write_parts(tmp_path, [(["a"], [2]), (["b"], [1]), (["c"], [2]), (["d"], [4])])
     before = {t: [s["__key__"] for s in wds.WebDataset(t, shardshuffle=False)] for t in committed_tars(tmp_path)}
     clips = sorted(k for keys in before.values() for k in keys)
     if killed_after == "marker":  # a kill after the shard's marker, before its parts were deleted
