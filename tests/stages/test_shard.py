@@ -97,10 +97,10 @@ def test_a_compacted_tar_is_the_bytes_of_a_member_by_member_copy(tmp_path, marke
 
     names = sorted(_write_parts(tmp_path, [(["a"], [2]), (["b"], [1]), (["c"], [3])]))
     for name in names:
-        marker_path = tmp_path / "shards" / f"{name}.stats.json"
+        marker_path, tar = tmp_path / "shards" / f"{name}.stats.json", tmp_path / "shards" / f"{name}.tar"
         marker = json.loads(marker_path.read_text())
-        with open(tmp_path / "shards" / f"{name}.tar", "rb") as f:
-            assert marker["tar_members_end"] == _members_end(f) < (tmp_path / "shards" / f"{name}.tar").stat().st_size
+        with open(tar, "rb") as f:
+            assert marker["tar_members_end"] == _members_end(f) < tar.stat().st_size
         if markers == "of an earlier version":
             del marker["tar_members_end"]
             marker_path.write_text(json.dumps(marker))
