@@ -31,7 +31,7 @@ from schemas.index import (CLIP_SCHEMA, FAILURE_SCHEMA, PAIR_SCHEMA, VIDEO_SCHEM
 
 # Re-exported for readers that still import them from here; `schemas.index` is their home.
 __all__ = ["CLIP_SCHEMA", "FAILURE_SCHEMA", "PAIR_SCHEMA", "VIDEO_SCHEMA", "failure_row", "pair_rows",
-           "PartWriter", "part_name_for", "shard_name", "part_files", "to_wds", "frame_member", "write_tar"]
+           "PartWriter", "part_name_for", "shard_name", "part_files", "to_wds", "frame_member", "tar_header", "write_tar"]
 from schemas.records import Failure, ShardSample, VideoResult
 from stages.storage import Storage
 
@@ -77,21 +77,46 @@ def to_wds(sample: ShardSample) -> dict:
     return entry
 
 
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) `tarfile` writes for a regular member `name` of `size` bytes (PAX format, mode 0444,
+    `TAR_MTIME`, owner `TAR_OWNER`). A member's name is short and ASCII (`KEY.EXT`), so the block is a fixed
+    template with name, size and checksum filled in: building it through `tarfile.TarInfo` was most of a
+    commit's CPU. Anything else (a long or non-ASCII name, a size past USTAR's 8 GiB) takes `tarfile`'s own."""
+    if len(name) > 100 or not name.isascii() or size >= 8 ** 11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+        info.uname = info.gname = TAR_OWNER
+        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    block = bytearray(name.encode("ascii").ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_REST)
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+_HEADER_MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_REST = (b"%011o\0" % TAR_MTIME + b" " * 8 + tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC
+                + TAR_OWNER.encode().ljust(32, b"\0") * 2 + b"\0" * (16 + 155 + 12))
+
+
 def write_tar(f, samples: Iterable[ShardSample]) -> int:
     """`samples` as a WebDataset tar on the writable stream `f`: the bytes `webdataset.TarWriter(f,
     encoder=False, mtime=TAR_MTIME)` writes (members `KEY.EXT` in sorted order, mode 0444, owner bigdata), with
     the standard library only: importing webdataset imports torch, ~2 s in every Ray worker that commits.
     Returns where the members end (the end-of-archive blocks start): compaction copies that many bytes."""
-    with tarfile.open(fileobj=f, mode="w|") as tar:
-        for sample in samples:
-            entry = to_wds(sample)
-            key = entry.pop("__key__")
-            for ext in sorted(entry):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(entry[ext]), TAR_MTIME, 0o444
-                info.uname = info.gname = TAR_OWNER
-                tar.addfile(info, io.BytesIO(entry[ext]))
-        return tar.offset
+    offset = 0
+    for sample in samples:
+        entry = to_wds(sample)
+        key = entry.pop("__key__")
+        for ext in sorted(entry):
+            data = entry[ext]
+            header = tar_header(f"{key}.{ext}", len(data))
+            padding = -len(data) % tarfile.BLOCKSIZE
+            f.write(header)
+            f.write(data)
+            f.write(b"\0" * padding)
+            offset += len(header) + len(data) + padding
+    end = offset + 2 * tarfile.BLOCKSIZE  # tarfile's close: two zero blocks, then zeros to a whole record
+    f.write(b"\0" * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+    return offset
 
 
 def sample_bytes(sample: ShardSample) -> int:

@@ -1,4 +1,5 @@
 import json
+import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,7 +9,7 @@ from pipeline.compact import compact
 from pipeline.resume import committed_parts, committed_tars, scan_and_clean
 from schemas.config import ShardConfig
 from schemas.records import ClipRecord, Failure, QAPair, ShardSample, VideoResult
-from stages.shard import TAR_MTIME, PartWriter, part_name_for, to_wds
+from stages.shard import TAR_MTIME, TAR_OWNER, PartWriter, part_name_for, tar_header, to_wds
 from stages.storage import Storage
 
 
@@ -134,6 +135,18 @@ def test_part_tars_are_the_bytes_webdatasets_writer_makes(tmp_path):
     read = list(wds.WebDataset(str(tmp_path / "ours/shards/part-1.tar"), shardshuffle=False))
     assert [s["__key__"] for s in read] == [s.clip.id for s in result.samples]
     assert read[1]["f001.jpg"] == b"jpg" and read[2]["mp4"] == b"mp4"
+
+
+@pytest.mark.parametrize("name", ["a.json", "v000-441055c5a6_0_2000.f000.jpg", "k" * 95 + ".json",
+                                  "k" * 96 + ".json", "clip-é.mp4", "bad-\udcff.jpg"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 8 ** 11 - 1, 8 ** 11])
+def test_a_member_header_is_the_one_tarfile_builds(name, size):
+    """The template header of a short ASCII name is `tarfile`'s byte for byte; a name past 100 characters, a
+    non-ASCII or undecodable one, or a size past USTAR's field take `tarfile`'s PAX header."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+    info.uname = info.gname = TAR_OWNER
+    assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
 def test_hicom_compact_uses_the_run_limits(tmp_path, capsys):
