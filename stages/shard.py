@@ -15,7 +15,6 @@ every rerun and node); `pipeline/compact.py` merges them into full-size `shard-N
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import tarfile
