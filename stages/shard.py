@@ -42,6 +42,7 @@ FAILURES_DIR = "failures"
 MARKER_SUFFIX = ".stats.json"
 TAR_MTIME = 0  # fixed so the same samples give byte-identical tars; an int (a float costs each member a PAX header)
 TAR_OWNER = "bigdata"  # webdataset's TarWriter default
+TAR_MODE = 0o444
 INDEX_FILES = {"clips": CLIP_SCHEMA, "pairs": PAIR_SCHEMA, "videos": VIDEO_SCHEMA}
 
 
@@ -77,25 +78,27 @@ def to_wds(sample: ShardSample) -> dict:
     return entry
 
 
-def tar_header(name: str, size: int) -> bytes:
-    """The header block(s) `tarfile` writes for a regular member `name` of `size` bytes (PAX format, mode 0444,
-    `TAR_MTIME`, owner `TAR_OWNER`). A member's name is short and ASCII (`KEY.EXT`), so the block is a fixed
-    template with name, size and checksum filled in (a part's tar takes about 40% of the CPU it took through a
-    `tarfile.TarInfo` per member). Anything else (a long or non-ASCII name, a size past USTAR's 8 GiB) takes
-    `tarfile`'s own."""
-    if len(name) > 100 or not name.isascii() or size >= 8 ** 11:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
-        info.uname = info.gname = TAR_OWNER
-        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-    block = bytearray(name.encode("ascii").ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_REST)
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-_HEADER_MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+# The fixed fields of a member's USTAR header around its name and size, from the constants above.
+_HEADER_MODE_IDS = b"%07o\0" % TAR_MODE + b"0000000\0" * 2  # mode, uid, gid
 _HEADER_REST = (b"%011o\0" % TAR_MTIME + b" " * 8 + tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC
                 + TAR_OWNER.encode().ljust(32, b"\0") * 2 + b"\0" * (16 + 155 + 12))
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) `tarfile` writes for a regular member `name` of `size` bytes (PAX format, mode
+    `TAR_MODE`, `TAR_MTIME`, owner `TAR_OWNER`). A member's name is short and ASCII (`KEY.EXT`), so the block
+    is a fixed template with name, size and checksum filled in (a part's tar takes about 40% of the CPU it took
+    through a `tarfile.TarInfo` per member). Anything else (a long or non-ASCII name, a size past USTAR's
+    8 GiB) takes `tarfile`'s own."""
+    if len(name) > tarfile.LENGTH_NAME or not name.isascii() or size >= 8 ** 11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, TAR_MTIME, TAR_MODE
+        info.uname = info.gname = TAR_OWNER
+        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    block = bytearray(name.encode("ascii").ljust(tarfile.LENGTH_NAME, b"\0") + _HEADER_MODE_IDS
+                      + b"%011o\0" % size + _HEADER_REST)
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
 
 
 def write_tar(f, samples: Iterable[ShardSample]) -> int:
