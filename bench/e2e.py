@@ -5,7 +5,8 @@
 1. Makes real H.264 videos with FFmpeg (lavfi test sources, 1280x720, hard scene cuts).
 2. Recording pass (untimed): probe -> split -> clip+decode in this process, recording every FFmpeg/ffprobe
    command line the stages execute (clip+decode's are recorded, not run).
-3. Floor: the recorded commands, each in a fresh scratch folder, under `xargs -P WORKERS` (no Python, no Ray).
+3. Floor: the recorded commands, each in a fresh folder of the build's scratch root (`stages/scratch.py`: /dev/shm
+   when it has room), under `xargs -P WORKERS` (no Python, no Ray).
 4. Reference (informative): the same record stages (probe+hash, split, clip+decode, pairs) as one plain Ray task
    per video, WORKERS at a time, nothing listed, committed or compacted: what Ray and the stages' Python cost.
 5. `hicom build` on a local Ray with WORKERS CPUs (Ray start-up reported separately, not counted), fixed split.
@@ -46,6 +47,7 @@ from stages import clip_decode, probe, split  # noqa: E402
 from stages.ffmpeg_tools import Completed  # noqa: E402
 from stages.ingest import ingest  # noqa: E402
 from stages.ray_runtime import init_ray  # noqa: E402
+from stages.scratch import scratch_root  # noqa: E402
 
 SCENES = ("testsrc2", "mandelbrot", "smptebars", "rgbtestsrc")
 _SCRATCH = re.compile(r"(/[^ ]*?/hicom-clip-[^/]+)")
@@ -165,8 +167,9 @@ def rounds(cfg: RunConfig, commands: list[list[str]], workers: int, count: int, 
     plain = plain_tasks(cfg, workers)
 
     def floor() -> tuple[float, float, int]:
-        seconds = floor_seconds(commands, workers, work / "floor")
-        shutil.rmtree(work / "floor")
+        folder = Path(tempfile.mkdtemp(prefix="hicom-e2e-floor-", dir=scratch_root(cfg.clip.scratch_dir)))
+        seconds = floor_seconds(commands, workers, folder)
+        shutil.rmtree(folder)
         return seconds, 0.0, 0
 
     def hicom_build() -> tuple[float, float, int]:

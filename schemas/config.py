@@ -98,6 +98,10 @@ class ClipConfig(_Config):
     clips_per_ffmpeg: int = Field(8, ge=1)  # clips cut by one FFmpeg process (decode once, bounded memory)
     ffmpeg_threads: int = 1  # threads per FFmpeg process; Ray runs one process per CPU
     timeout_s: float = 600.0  # per FFmpeg process
+    # Where FFmpeg writes a batch's frames and mp4s before they are read into the part: unset, /dev/shm when it
+    # has 1 GiB free (they never touch a disk), else the system temp folder (`stages/scratch.py`). Not saved
+    # with the run (it does not change the output), so a resume may choose another.
+    scratch_dir: str | None = Field(None, exclude=True)
 
 
 class ShardConfig(_Config):

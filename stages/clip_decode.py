@@ -8,7 +8,6 @@ A clip that starts on a keyframe of an H.264 source small enough already is stre
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,13 @@ from schemas.config import ClipConfig
 from schemas.records import ClipRecord, Failure, ShardSample, Span, VideoRecord, VideoResult
 from stages.ffmpeg_tools import SAFE_DEMUXERS, FfmpegError, FfmpegTimeout, ffmpeg_binary, run_tool
 from stages.sampling import frames_in_span, release_frame_indices
+from stages.scratch import FOLDER_PREFIX, disk_root, out_of_space, scratch_root, sweep_stale
 
 log = logging.getLogger(__name__)
 STAGE = "clip_decode"
 RESOURCES = {"num_cpus": 1}
 _SEEK_MARGIN_S = 1.0  # seek this far before the first clip so the accurate seek never drops its first frame
+_STALE_MARGIN_S = 600.0  # a batch folder idle this long past a batch's timeout was a killed worker's
 _EPS_S = 1e-3  # well under any frame interval: a keyframe at the clip start matches within this
 
 
@@ -162,33 +163,53 @@ def mp4_size(width: int, height: int, cfg: ClipConfig, copied: bool) -> tuple[in
 
 def decode_batch(video: VideoRecord, clips: list[PlannedClip], cfg: ClipConfig,
                  scratch_dir: str | None) -> tuple[list[ShardSample], list[Failure]]:
+    """Cut one batch in a fresh folder of the scratch root; a batch that fills a memory root is cut again on disk."""
+    root = scratch_root(scratch_dir)
+    sweep_stale(root, cfg.timeout_s * cfg.clips_per_ffmpeg + _STALE_MARGIN_S)
+    try:
+        return _decode_batch_in(root, video, clips, cfg)
+    except FfmpegError as exc:
+        if not (out_of_space(exc.stderr) and scratch_dir is None and root != disk_root()):
+            return [], _batch_failures(video, clips, exc)
+        log.warning("%s is full: cutting %s's batch again in %s", root, video.relpath, disk_root())
+    try:
+        return _decode_batch_in(disk_root(), video, clips, cfg)
+    except FfmpegError as exc:
+        return [], _batch_failures(video, clips, exc)
+
+
+def _batch_failures(video: VideoRecord, clips: list[PlannedClip], exc: FfmpegError) -> list[Failure]:
+    reason = reasons.FFMPEG_TIMEOUT if isinstance(exc, FfmpegTimeout) else reasons.FFMPEG_FAILED
+    return [failure for clip in clips for failure in _clip_failures(video, clip, reason, str(exc))]
+
+
+def _clip_failures(video: VideoRecord, clip: PlannedClip, reason: str, detail: str) -> list[Failure]:
+    ids = [s.id for s in clip.span.samples] or [clip.record.id]
+    return [Failure(item_id=i, video_id=video.id, stage=STAGE, reason=reason, detail=detail, source=video.relpath)
+            for i in ids]
+
+
+def _write(args: list[str], timeout_s: float) -> None:
+    stderr = run_tool(args, timeout_s).stderr
+    if out_of_space(stderr):  # exited 0, but an output may be cut short
+        raise FfmpegError("FFmpeg's output folder ran out of space", stderr)
+
+
+def _decode_batch_in(root: str, video: VideoRecord, clips: list[PlannedClip], cfg: ClipConfig
+                     ) -> tuple[list[ShardSample], list[Failure]]:
+    """The batch's samples, or a Failure per clip FFmpeg returned no frames for; raises FfmpegError."""
     samples: list[ShardSample] = []
     failures: list[Failure] = []
-
-    def fail_clip(clip: PlannedClip, reason: str, detail: str) -> None:
-        ids = [s.id for s in clip.span.samples] or [clip.record.id]
-        failures.extend(Failure(item_id=i, video_id=video.id, stage=STAGE, reason=reason, detail=detail,
-                                source=video.relpath) for i in ids)
-
-    with tempfile.TemporaryDirectory(prefix="hicom-clip-", dir=scratch_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=FOLDER_PREFIX, dir=root) as tmp:
         workdir = Path(tmp)
-        try:
-            run_tool(batch_command(video.source, clips, cfg, workdir), cfg.timeout_s * len(clips))
-            for i, clip in enumerate(clips):
-                if clip.copy_mp4:
-                    run_tool(copy_command(video.source, clip, workdir / f"{i}.mp4"), cfg.timeout_s)
-        except FfmpegTimeout as exc:
-            for clip in clips:
-                fail_clip(clip, reasons.FFMPEG_TIMEOUT, str(exc))
-            return samples, failures
-        except FfmpegError as exc:
-            for clip in clips:
-                fail_clip(clip, reasons.FFMPEG_FAILED, str(exc))
-            return samples, failures
+        _write(batch_command(video.source, clips, cfg, workdir), cfg.timeout_s * len(clips))
+        for i, clip in enumerate(clips):
+            if clip.copy_mp4:
+                _write(copy_command(video.source, clip, workdir / f"{i}.mp4"), cfg.timeout_s)
         for i, clip in enumerate(clips):
             frames, padded = _collect(clip, i, workdir)
             if not frames:
-                fail_clip(clip, reasons.NO_FRAMES, "FFmpeg returned no frames for this clip")
+                failures += _clip_failures(video, clip, reasons.NO_FRAMES, "FFmpeg returned no frames for this clip")
                 continue
             mp4_path = workdir / f"{i}.mp4"
             mp4 = mp4_path.read_bytes() if cfg.write_mp4 and mp4_path.exists() else None
@@ -231,7 +252,7 @@ def clip_and_decode(video: VideoRecord, spans: list[Span], cfg: ClipConfig,
         unique.append(clip)
     for start in range(0, len(unique), cfg.clips_per_ffmpeg):
         batch_samples, batch_failures = decode_batch(video, unique[start:start + cfg.clips_per_ffmpeg], cfg,
-                                                     scratch_dir or os.environ.get("HICOM_SCRATCH"))
+                                                     scratch_dir or cfg.scratch_dir)
         samples += batch_samples
         failures += batch_failures
     return samples, failures
