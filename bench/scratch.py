@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/scratch.py [--input DIR | --videos 12] [--rounds 4]
 
-Probes and splits DIR's videos (or `--videos` generated 16 s 720p ones, as `bench/e2e.py` makes) once (2 s windows, as `bench/e2e.py`), then runs `clip_and_decode` over all of
-them in this process, in rounds that alternate the two folders. Prints per run: wall seconds, FFmpeg's user and
-kernel CPU-seconds (its children's, from getrusage) and this process's; then the medians and their ratios.
+Probes and splits DIR's videos (or `--videos` generated ones: 16 s, 1280x720, as `bench/e2e.py` makes them) once,
+in 2 s windows as `bench/e2e.py` does, then runs `clip_and_decode` over all of them in this process, in rounds
+that alternate the two folders. Prints per run: wall seconds, FFmpeg's user and kernel CPU-seconds (its
+children's, from getrusage) and this process's; then the medians and their ratios.
 """
 from __future__ import annotations
 
