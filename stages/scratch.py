@@ -43,7 +43,7 @@ def memory_has_room() -> bool:
 
 def out_of_space(stderr: str) -> bool:
     """Whether FFmpeg's stderr reports a full output file system (ENOSPC). It may still have exited 0: a
-    failed trailer (an mp4's moov) is only logged."""
+    trailer it failed to write is only logged."""
     return os.strerror(errno.ENOSPC) in stderr
 
 
