@@ -1,8 +1,8 @@
 """Where a clip batch's FFmpeg writes its transient outputs (the frames and mp4s read back, then deleted).
 
 They never need to reach a disk. In memory (`/dev/shm`, a tmpfs on Linux) a batch's hundreds of small JPEGs
-cost no journal, writeback or discard: on ext4 their creation and deletion doubled FFmpeg's kernel time and
-took ~5% of a build's wall time (bench/README.md). A tmpfs without room for them (Docker gives a container
+cost the file system little: on this machine's ext4 they doubled FFmpeg's kernel time and made the clip stage
+1.08x slower by wall time (`bench/scratch.py`, bench/README.md). A tmpfs without room for them (Docker gives a container
 64 MiB) is not used, and a batch that fills it anyway is cut again on disk (`stages/clip_decode.py`).
 """
 from __future__ import annotations
